@@ -1,0 +1,139 @@
+"""``LoraConfig``: what to adapt and how, as a validated dataclass (the recipes' "peft_config")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .utils import BIAS_MODES
+
+__all__ = ["LoraConfig", "QUANTIZE_METHODS"]
+
+QUANTIZE_METHODS = (None, "nf4")
+
+
+@dataclass
+class LoraConfig:
+    """Configuration for :func:`lora_phi3.inject_lora`.
+
+    Attributes:
+        r: rank of every adapter (> 0).
+        lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r``.
+        lora_dropout: dropout on the adapter input, in [0, 1).
+        target_modules: module names matched as dotted-path suffixes (``"qkv_proj"`` matches
+            ``model.layers.0.self_attn.qkv_proj``); or one regex string matched with
+            ``re.fullmatch`` against the full module path; or ``"all-linear"`` (every linear-like
+            module except the LM head). On Phi-3, ``q_proj``/``k_proj``/``v_proj`` and
+            ``gate_proj``/``up_proj`` select slices of the fused projections.
+        exclude_modules: names (suffixes) or one regex of modules to leave alone.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases train and are saved.
+        modules_to_save: modules (suffixes) trained fully and saved with the adapter, e.g.
+            ``["embed_tokens", "lm_head"]``.
+        layers_to_transform: only adapt modules under these layer indices (the number after
+            ``layers.``/``h.``/``blocks.`` in the path); None means all.
+        fan_in_fan_out: True for weights stored ``(in, out)``; GPT-2 ``Conv1D`` is detected anyway.
+        quantize_base: ``None`` or ``"nf4"`` (QLoRA: targeted base weights stored in 4 bits).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | None = None
+    fan_in_fan_out: bool = False
+    quantize_base: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a float in [0, 1), "
+                             f"got {self.lora_dropout!r}")
+        self.target_modules = _names("target_modules", self.target_modules)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.modules_to_save is not None:
+            ms = _names("modules_to_save", self.modules_to_save)
+            if isinstance(ms, str):
+                ms = [ms]
+            self.modules_to_save = ms
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if isinstance(layers, int) and not isinstance(layers, bool):
+                layers = [layers]
+            if not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError("LoraConfig.layers_to_transform must be a list of ints >= 0, "
+                                 f"got {self.layers_to_transform!r}")
+            self.layers_to_transform = list(layers)
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"LoraConfig.fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
+        if self.quantize_base not in QUANTIZE_METHODS:
+            raise ValueError(f"LoraConfig.quantize_base must be one of {QUANTIZE_METHODS}, "
+                             f"got {self.quantize_base!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them and the allowed ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"LoraConfig needs a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LoraConfig got unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "LoraConfig":
+        p = Path(text_or_path)
+        text = p.read_text() if not str(text_or_path).lstrip().startswith("{") and p.exists() \
+            else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "LoraConfig":
+        import yaml
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _names(field_name: str, value: Any) -> list[str] | str | None:
+    """Validate a list of module names or a single regex/keyword string."""
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and not value:
+            raise ValueError(f"LoraConfig.{field_name} must not be an empty string")
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        if not value:
+            raise ValueError(f"LoraConfig.{field_name} must not be empty, got {value!r}")
+        return list(value)
+    raise ValueError(f"LoraConfig.{field_name} must be a list of module names or one regex "
+                     f"string, got {value!r}")
