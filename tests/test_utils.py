@@ -1,0 +1,41 @@
+"""mark_only_lora_as_trainable and lora_state_dict, in each bias mode."""
+
+import pytest
+import torch.nn as nn
+
+import lora_phi3 as lora
+
+
+def _model():
+    return nn.Sequential(lora.Linear(4, 4, r=2), nn.Linear(4, 4), lora.Linear(4, 4, r=0),
+                         nn.LayerNorm(4))
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_mark_only_lora_as_trainable_modes():
+    model = _model()
+    model.requires_grad_(False)  # loralib would leave LoRA frozen after this; we re-enable it
+    lora.mark_only_lora_as_trainable(model)
+    assert _trainable(model) == ["0.lora_A", "0.lora_B"]
+    lora.mark_only_lora_as_trainable(model, bias="all")
+    assert _trainable(model) == ["0.bias", "0.lora_A", "0.lora_B", "1.bias", "2.bias", "3.bias"]
+    lora.mark_only_lora_as_trainable(model, bias="lora_only")
+    assert _trainable(model) == ["0.bias", "0.lora_A", "0.lora_B"]
+
+
+def test_lora_state_dict_modes():
+    model = _model()
+    assert sorted(lora.lora_state_dict(model)) == ["0.lora_A", "0.lora_B"]
+    assert sorted(lora.lora_state_dict(model, bias="all")) == [
+        "0.bias", "0.lora_A", "0.lora_B", "1.bias", "2.bias", "3.bias"]
+    assert sorted(lora.lora_state_dict(model, bias="lora_only")) == ["0.bias", "0.lora_A", "0.lora_B"]
+
+
+@pytest.mark.parametrize("fn", [lora.mark_only_lora_as_trainable, lora.lora_state_dict])
+def test_unknown_bias_mode_is_a_value_error(fn):
+    with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), "
+                                         r"got 'some'"):
+        fn(_model(), bias="some")
