@@ -1,0 +1,620 @@
+"""Chat data: loading and validating conversations, tokenising with label masks, packing, batching.
+
+Pipeline::
+
+    train, eval, report = load_conversations(path_or_None)
+    examples = tokenize_dataset(tok, train, max_seq_length, report=report,
+                                locations=report.train_locations)
+    rows = pack_examples(examples, seq_length)            # optional
+    for idx in batches(rows, batch_size, seed=seed, epoch=epoch):
+        batch = collate([rows[i] for i in idx], tok.pad_token_id, packing=True,
+                        mask_dtype=model.dtype)
+
+See docs/data.md for formats, the masking rules and how packed rows are isolated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ALLOWED_ROLES = ("system", "user", "assistant")
+ON_BAD_ROW_CHOICES = ("skip", "error")
+BUNDLED_TRAIN = "chat_train.jsonl"
+BUNDLED_EVAL = "chat_eval.jsonl"
+_EVAL_NAMES = ("eval", "validation", "valid", "test")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or lone \u escapes
+
+
+class ExampleTooLong(ValueError):
+    """A tokenised conversation is longer than ``max_seq_length`` (it is never truncated)."""
+
+    def __init__(self, length: int, max_seq_length: int):
+        super().__init__(f"example has {length} tokens > max_seq_length {max_seq_length}")
+        self.length = length
+        self.max_seq_length = max_seq_length
+
+    def __reduce__(self):  # picklable across processes despite the two-argument constructor
+        return (type(self), (self.length, self.max_seq_length))
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of a data source. Invariant: ``rows_read == kept + skipped``.
+
+    ``problems`` holds one ``"file:line: message"`` string per skipped row; ``too_long``
+    counts the skipped rows that were too long (from :func:`tokenize_dataset`).
+    ``train_locations``/``eval_locations`` name the file:line of each returned conversation.
+    """
+
+    source: str = ""
+    rows_read: int = 0
+    kept: int = 0
+    skipped: int = 0
+    too_long: int = 0
+    problems: list[str] = field(default_factory=list)
+    train_locations: list[str] = field(default_factory=list, repr=False)
+    eval_locations: list[str] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``data.jsonl: read 120, kept 117, skipped 3 (1 too long)``."""
+        return (f"{self.source}: read {self.rows_read}, kept {self.kept}, skipped {self.skipped} "
+                f"({self.too_long} too long)")
+
+
+class _RowError(Exception):
+    """Internal: a row is unusable; the message names the problem (no location)."""
+
+
+def _check_on_bad_row(on_bad_row: str) -> None:
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
+
+
+def _bad_row(report: DataReport, on_bad_row: str, location: str, message: str) -> None:
+    """Raise (``"error"``) or log, count and record (``"skip"``) one bad row."""
+    text = f"{location}: {message}"
+    if on_bad_row == "error":
+        raise ValueError(text)
+    logger.warning("%s (row skipped)", text)
+    report.problems.append(text)
+    report.skipped += 1
+
+
+# --------------------------------------------------------------------------- row validation
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _RowError(f"{what} must be a string, got {type(value).__name__}")
+    if _SURROGATE.search(value):
+        raise _RowError(f"{what} is not valid UTF-8 text")
+    return value
+
+
+def _to_messages(row: Any) -> list[dict]:
+    """Normalise one row (``{"messages": [...]}`` or Alpaca) to ``[{"role", "content"}, ...]``."""
+    if not isinstance(row, dict):
+        raise _RowError(f"row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list):
+            raise _RowError(f"'messages' must be a list, got {type(msgs).__name__}")
+        if not msgs:
+            raise _RowError("empty conversation ('messages' is empty)")
+        out = []
+        for i, m in enumerate(msgs, 1):
+            if not isinstance(m, dict):
+                raise _RowError(f"message {i} must be an object with 'role' and 'content', "
+                                f"got {type(m).__name__}")
+            missing = [k for k in ("role", "content") if k not in m]
+            if missing:
+                raise _RowError(f"message {i} is missing field {missing[0]!r}")
+            if m["role"] not in ALLOWED_ROLES:
+                raise _RowError(f"message {i} has unknown role {m['role']!r} "
+                                f"(allowed: {', '.join(ALLOWED_ROLES)})")
+            out.append({"role": m["role"], "content": _check_text(m["content"], f"message {i} content")})
+        if not any(m["role"] == "assistant" for m in out):
+            raise _RowError("conversation has no assistant message")
+        return out
+    if "instruction" in row or "output" in row:
+        for key in ("instruction", "output"):
+            if key not in row:
+                raise _RowError(f"Alpaca row is missing field {key!r}")
+        instruction = _check_text(row["instruction"], "Alpaca field 'instruction'")
+        output = _check_text(row["output"], "Alpaca field 'output'")
+        extra = row.get("input")
+        if extra is not None:
+            extra = _check_text(extra, "Alpaca field 'input'")
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    raise _RowError("row has neither 'messages' nor Alpaca 'instruction'/'output' fields "
+                    f"(keys: {sorted(row)})")
+
+
+# --------------------------------------------------------------------------- file readers
+
+def _jsonl_rows(path: Path, name: str, report: DataReport, on_bad_row: str):
+    """Yield ``(location, parsed_row)``; undecodable or unparsable lines are bad rows."""
+    with open(path, "rb") as f:  # bytes, so a bad byte is reported with its own line number
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte order mark
+            if not raw.strip():
+                continue  # blank lines are not rows
+            report.rows_read += 1
+            loc = f"{name}:{lineno}"
+            try:
+                text = raw.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad_row(report, on_bad_row, loc,
+                         f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
+            try:
+                yield loc, json.loads(text)
+            except json.JSONDecodeError as e:
+                _bad_row(report, on_bad_row, loc, f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def _json_list_rows(path: Path, name: str, report: DataReport):
+    """Yield ``(location, row)`` for each element of a top-level JSON array, located by line.
+
+    A syntax error makes the whole document unreadable, so it always raises ValueError.
+    Undecodable bytes are kept as surrogates and flagged per row by :func:`_check_text`.
+    """
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    try:
+        if text[pos:pos + 1] != "[":
+            raise json.JSONDecodeError("expected '['", text, pos)
+        pos = ws.match(text, pos + 1).end()
+        if text[pos:pos + 1] == "]":
+            return
+        while True:
+            line = text.count("\n", 0, pos) + 1
+            row, pos = decoder.raw_decode(text, pos)
+            report.rows_read += 1
+            yield f"{name}:{line}", row
+            pos = ws.match(text, pos).end()
+            sep = text[pos:pos + 1]
+            if sep == "]":
+                return
+            if sep != ",":
+                raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            pos = ws.match(text, pos + 1).end()
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno} "
+                         "(a JSON list file cannot be read partially)") from None
+
+
+def _read_file(path: Path, report: DataReport, on_bad_row: str) -> tuple[list[list[dict]], list[str]]:
+    """Read a ``.json`` (list) or JSON Lines file; format chosen by its first non-blank byte."""
+    name = path.name
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    rows = (_json_list_rows(path, name, report) if head.startswith(b"[")
+            else _jsonl_rows(path, name, report, on_bad_row))
+    convs, locs = [], []
+    for loc, row in rows:
+        try:
+            convs.append(_to_messages(row))
+        except _RowError as e:
+            _bad_row(report, on_bad_row, loc, str(e))
+            continue
+        locs.append(loc)
+    return convs, locs
+
+
+def _read_hf(source: str, report: DataReport, on_bad_row: str):
+    """Load a Hugging Face dataset (``load_from_disk`` directory or ``load_dataset`` name)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"data source {source!r} is not a .json/.jsonl file or a directory with train.jsonl; "
+            "loading it as a Hugging Face dataset needs the `datasets` package: "
+            "pip install datasets  (or pip install 'lora-phi3[data]')") from None
+    p = Path(source)
+    if p.is_dir() and any((p / f).exists() for f in ("dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(source)
+    else:
+        ds = datasets.load_dataset(source)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"dataset {source!r} has no 'train' split (splits: {list(ds)})")
+        splits = {"train": ds["train"]}
+        for s in _EVAL_NAMES:
+            if s in ds:
+                splits["eval"] = ds[s]
+                break
+    else:
+        splits = {"train": ds}
+    out = {}
+    for key, split in splits.items():
+        convs, locs = [], []
+        for i, row in enumerate(split):
+            report.rows_read += 1
+            loc = f"{source}[{key}]:row {i}"
+            try:
+                convs.append(_to_messages(row))
+            except _RowError as e:
+                _bad_row(report, on_bad_row, loc, str(e))
+                continue
+            locs.append(loc)
+        out[key] = (convs, locs)
+    return out
+
+
+def _find_split_file(directory: Path, stems: Sequence[str]) -> Path | None:
+    for stem in stems:
+        for ext in (".jsonl", ".json"):
+            if (directory / f"{stem}{ext}").is_file():
+                return directory / f"{stem}{ext}"
+    return None
+
+
+def _random_split(convs, locs, eval_fraction: float, seed: int):
+    n = len(convs)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n_eval == 0 and n > 1:
+        n_eval = 1
+    chosen = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+    train = [i for i in range(n) if i not in chosen]
+    held = sorted(chosen)
+    return ([convs[i] for i in train], [locs[i] for i in train],
+            [convs[i] for i in held], [locs[i] for i in held])
+
+
+def load_conversations(
+    source: str | os.PathLike | None,
+    *,
+    on_bad_row: str = "skip",
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[list[list[dict]], list[list[dict]], DataReport]:
+    """Load, validate and split chat conversations.
+
+    Args:
+        source: ``None`` for the bundled toy set (its fixed held-out file is the eval
+            split; ``eval_fraction``/``seed`` are ignored); a ``.jsonl``/``.json`` file of
+            ``{"messages": [...]}`` or Alpaca rows; a directory with ``train.jsonl`` (and
+            optionally ``eval``/``validation``/``valid``/``test`` ``.jsonl``); or anything
+            else is loaded with Hugging Face ``datasets`` (must be installed).
+        on_bad_row: ``"skip"`` (warn, count, continue) or ``"error"`` (raise).
+        eval_fraction: share of rows held out when the source has no eval split, in [0, 1).
+        seed: seed of that held-out split (numpy ``default_rng``).
+
+    Returns:
+        ``(train, eval, report)``; each conversation is a list of ``{"role", "content"}``.
+
+    Raises:
+        ValueError: bad ``on_bad_row``/``eval_fraction``, a missing file, a bad row with
+            ``on_bad_row="error"`` (message ``file:line: problem``), no usable rows, or
+            ``datasets`` needed but not installed.
+    """
+    _check_on_bad_row(on_bad_row)
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) \
+            or not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
+    report = DataReport(source="<bundled>" if source is None else str(source))
+    eval_file: Path | None = None
+    if source is None:
+        assets = resources.files("lora_phi3").joinpath("assets")
+        train_file = Path(str(assets.joinpath(BUNDLED_TRAIN)))
+        eval_file = Path(str(assets.joinpath(BUNDLED_EVAL)))
+    else:
+        path = Path(source)
+        if path.is_file():
+            train_file = path
+        elif path.is_dir() and _find_split_file(path, ("train",)) is not None:
+            train_file = _find_split_file(path, ("train",))
+            eval_file = _find_split_file(path, _EVAL_NAMES)
+        elif path.suffix.lower() in (".json", ".jsonl"):
+            raise ValueError(f"data file {str(source)!r} does not exist")
+        else:
+            train_file = None
+    if train_file is not None:
+        train, train_locs = _read_file(train_file, report, on_bad_row)
+        if eval_file is not None:
+            evals, eval_locs = _read_file(eval_file, report, on_bad_row)
+        else:
+            train, train_locs, evals, eval_locs = _random_split(train, train_locs, eval_fraction, seed)
+    else:
+        splits = _read_hf(str(source), report, on_bad_row)
+        train, train_locs = splits["train"]
+        if "eval" in splits:
+            evals, eval_locs = splits["eval"]
+        else:
+            train, train_locs, evals, eval_locs = _random_split(train, train_locs, eval_fraction, seed)
+    report.kept = len(train) + len(evals)
+    report.train_locations, report.eval_locations = train_locs, eval_locs
+    if not train:
+        raise ValueError(f"data source {report.source!r} has no usable training conversations "
+                         f"({report.rows_read} rows read, {report.skipped} skipped)")
+    logger.info("%s (train %d, eval %d)", report.summary(), len(train), len(evals))
+    return train, evals, report
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+def _end_of_turn(tokenizer) -> str:
+    """The token that closes an assistant turn: Phi-3's ``<|end|>`` if known, else eos."""
+    tid = tokenizer.convert_tokens_to_ids("<|end|>")  # not get_vocab(): that copies 32k entries
+    known = tid is not None and (tokenizer.unk_token_id is None or tid != tokenizer.unk_token_id)
+    return "<|end|>" if known else tokenizer.eos_token
+
+
+def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of each assistant content + its end-of-turn token.
+
+    Found by incremental rendering: the text of ``messages[:i]`` with the generation
+    prompt is a prefix of the full text and ends where assistant message ``i`` starts.
+    """
+    eot = _end_of_turn(tokenizer)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i > 0:
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        else:  # transformers refuses to render an empty conversation; use Phi-3's header
+            prefix = "<|assistant|>\n"
+        start = len(prefix)
+        end = start + len(m["content"])
+        if not text.startswith(prefix) or text[start:end] != m["content"]:
+            raise ValueError(
+                f"chat template of {type(tokenizer).__name__} does not render assistant message "
+                f"{i + 1} verbatim after the generation prompt; cannot locate it for label masking")
+        if text.startswith(eot, end):
+            end += len(eot)
+        spans.append((start, end))
+    return spans
+
+
+def tokenize_conversation(
+    tokenizer,
+    messages: list[dict],
+    max_seq_length: int,
+    *,
+    train_on_prompt: bool = False,
+) -> dict:
+    """Render with the chat template, tokenise, and build labels.
+
+    Labels are ``-100`` except for tokens overlapping an assistant message's content or
+    the ``<|end|>`` that closes it, and the final eos (trained when the conversation ends
+    with an assistant message). Role tags, the ``<|assistant|>\\n`` header, system/user
+    text and the ``\\n`` after ``<|end|>`` are masked. ``train_on_prompt=True`` trains
+    every token.
+
+    Args:
+        tokenizer: a fast tokenizer with a chat template (see ``load_tokenizer``).
+        messages: ``[{"role", "content"}, ...]`` as returned by ``load_conversations``.
+        max_seq_length: longest allowed example, in tokens.
+        train_on_prompt: train on all tokens instead of the assistant turns only.
+
+    Returns:
+        ``{"input_ids": list[int], "labels": list[int]}`` of equal length, ending with eos.
+
+    Raises:
+        ExampleTooLong: more than ``max_seq_length`` tokens (never truncated).
+        ValueError: bad ``max_seq_length``; a template that alters assistant content.
+    """
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = _assistant_spans(tokenizer, messages, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    labels = []
+    for tok_id, (a, b) in zip(ids, offsets):
+        b = max(b, a + 1)  # zero-width tokens (e.g. a prepended "▁") belong to the char they precede
+        inside = any(a < e and b > s for s, e in spans)
+        labels.append(tok_id if train_on_prompt or inside else IGNORE_INDEX)
+    eos = tokenizer.eos_token_id
+    train_eos = train_on_prompt or messages[-1]["role"] == "assistant"
+    if ids and ids[-1] == eos:  # Phi-3's template already ends with eos
+        labels[-1] = eos if train_eos else IGNORE_INDEX
+    else:
+        ids.append(eos)
+        labels.append(eos if train_eos else IGNORE_INDEX)
+    if len(ids) > max_seq_length:
+        raise ExampleTooLong(len(ids), max_seq_length)
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_dataset(
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    max_seq_length: int,
+    *,
+    train_on_prompt: bool = False,
+    on_bad_row: str = "skip",
+    report: DataReport | None = None,
+    source_name: str = "data",
+    locations: Sequence[str] | None = None,
+) -> list[dict]:
+    """Tokenise conversations; too-long ones are skipped (counted) or raise.
+
+    Args:
+        report: updated in place (``kept`` -1, ``skipped``/``too_long`` +1 per too-long
+            example); pass the report of ``load_conversations``. ``None`` makes a new one.
+        source_name: names rows ``source_name[i]`` in messages when ``locations`` is None.
+        locations: ``file:line`` per conversation (``report.train_locations``).
+
+    Returns:
+        The examples (dicts with ``input_ids``/``labels``), in input order.
+
+    Raises:
+        ValueError: bad ``on_bad_row``; mismatched ``locations``; with ``on_bad_row="error"``
+            a too-long example (``location: example has N tokens > max_seq_length M``).
+    """
+    _check_on_bad_row(on_bad_row)
+    if locations is not None and len(locations) != len(conversations):
+        raise ValueError(f"locations has {len(locations)} entries for {len(conversations)} conversations")
+    if report is None:
+        report = DataReport(source=source_name, rows_read=len(conversations), kept=len(conversations))
+    out = []
+    for i, conv in enumerate(conversations):
+        try:
+            out.append(tokenize_conversation(tokenizer, conv, max_seq_length, train_on_prompt=train_on_prompt))
+        except ExampleTooLong as e:
+            loc = locations[i] if locations is not None else f"{source_name}[{i}]"
+            _bad_row(report, on_bad_row, loc, str(e))
+            report.kept -= 1
+            report.too_long += 1
+    return out
+
+
+# --------------------------------------------------------------------------- packing & batching
+
+def pack_examples(examples: Sequence[dict], seq_length: int) -> list[dict]:
+    """Greedily concatenate examples (in order) into rows of at most ``seq_length`` tokens.
+
+    A new row starts whenever the next example does not fit; no example is split.
+    The label of each example's first token is set to -100: the model's internal shift
+    would otherwise train the previous example's last token to predict it.
+
+    Returns:
+        Rows with ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 per
+        example) and ``seq_lens`` (example lengths, summing to the row length).
+
+    Raises:
+        ValueError: bad ``seq_length``; an example longer than it (``ExampleTooLong``);
+            ``input_ids``/``labels`` of different lengths.
+    """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
+    rows: list[dict] = []
+    cur: dict | None = None
+    for k, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if len(ex["labels"]) != n or n == 0:
+            raise ValueError(f"example {k}: input_ids ({n}) and labels ({len(ex['labels'])}) "
+                             "must be non-empty and of equal length")
+        if n > seq_length:
+            raise ExampleTooLong(n, seq_length)
+        if cur is None or len(cur["input_ids"]) + n > seq_length:
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+            rows.append(cur)
+        cur["input_ids"].extend(ex["input_ids"])
+        cur["labels"].append(IGNORE_INDEX)
+        cur["labels"].extend(ex["labels"][1:])
+        cur["position_ids"].extend(range(n))
+        cur["seq_lens"].append(n)
+    return rows
+
+
+def collate(
+    rows: Sequence[dict],
+    pad_id: int,
+    *,
+    packing: bool,
+    mask_dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row.
+
+    Args:
+        rows: examples (``packing=False``) or packed rows from :func:`pack_examples`.
+        pad_id: id for padding ``input_ids`` (labels pad with -100, positions with 0).
+        packing: build a block-diagonal causal mask so packed examples cannot see each other.
+        mask_dtype: floating dtype of the packed mask; pass the model's dtype (sdpa needs it
+            to match the query dtype or be float32).
+        sliding_window: the model's ``config.sliding_window`` (packed mask only), so the
+            explicit mask matches what transformers would build itself.
+
+    Returns:
+        ``input_ids``/``labels``/``position_ids`` of shape ``(B, T)`` (long) and
+        ``attention_mask``: ``(B, T)`` long 1/0 padding mask without packing, or with
+        packing an additive ``(B, 1, T, T)`` mask (0 = attend, ``finfo(mask_dtype).min``
+        = blocked) that transformers 5 passes unchanged to eager and sdpa attention.
+
+    Raises:
+        ValueError: empty batch, a row holding several examples with ``packing=False``,
+            a non-floating ``mask_dtype``, or a bad ``sliding_window``.
+    """
+    if not rows:
+        raise ValueError("rows must be a non-empty list of examples")
+    if not (isinstance(mask_dtype, torch.dtype) and mask_dtype.is_floating_point):
+        raise ValueError(f"mask_dtype must be a floating torch dtype, got {mask_dtype!r}")
+    if sliding_window is not None and (isinstance(sliding_window, bool)
+                                       or not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    # segment id per token; padding gets unique negative ids so it only sees itself
+    segments = -1 - torch.arange(T).repeat(B, 1)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        seq_lens = list(r.get("seq_lens", [n]))
+        if sum(seq_lens) != n or len(r["labels"]) != n:
+            raise ValueError(f"row {b}: seq_lens {seq_lens} / labels ({len(r['labels'])}) "
+                             f"do not match {n} input_ids")
+        if len(seq_lens) > 1 and not packing:
+            raise ValueError(f"row {b} holds {len(seq_lens)} packed examples; use packing=True")
+        input_ids[b, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
+        pos = r.get("position_ids")
+        position_ids[b, :n] = torch.tensor(pos, dtype=torch.long) if pos is not None else torch.arange(n)
+        segments[b, :n] = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+    if not packing:
+        attention_mask = (segments >= 0).long()
+    else:
+        q = torch.arange(T)
+        allowed = (segments[:, :, None] == segments[:, None, :]) & (q[None, :, None] >= q[None, None, :])
+        if sliding_window is not None:
+            allowed &= (q[None, :, None] - q[None, None, :]) < sliding_window
+        attention_mask = torch.zeros((B, 1, T, T), dtype=mask_dtype)
+        attention_mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": attention_mask}
+
+
+def batches(
+    rows: Sequence[Any] | int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """Index batches for one epoch; the order depends only on ``(seed, epoch, len(rows))``.
+
+    Uses ``numpy.random.default_rng([seed, epoch])``, so it is independent of any global
+    RNG state and reproducible across runs and machines.
+
+    Args:
+        rows: the rows (only ``len`` is used) or their count.
+        batch_size: rows per batch; the last batch may be smaller unless ``drop_last``.
+
+    Returns:
+        Lists of row indices.
+
+    Raises:
+        ValueError: ``batch_size`` < 1, negative ``seed``/``epoch``.
+    """
+    n = rows if isinstance(rows, int) else len(rows)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for name, v in (("seed", seed), ("epoch", epoch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    order = np.random.default_rng([seed, epoch]).permutation(n).tolist() if shuffle else list(range(n))
+    stop = n - n % batch_size if drop_last else n
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]

@@ -1,0 +1,451 @@
+"""Data loading/validation, label masking, packing (checked against a tiny Phi-3), batching."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_phi3.data import (
+    DataReport,
+    ExampleTooLong,
+    batches,
+    collate,
+    load_conversations,
+    pack_examples,
+    tokenize_conversation,
+    tokenize_dataset,
+)
+from lora_phi3.tokenizer import PHI3_CHAT_TEMPLATE, load_tokenizer
+
+CONV = [
+    {"role": "system", "content": "Answer with the result only."},
+    {"role": "user", "content": "Sort: c a b"},
+    {"role": "assistant", "content": "a b c"},
+    {"role": "user", "content": "Add 2 to that."},
+    {"role": "assistant", "content": "5"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _write(path, lines):
+    path.write_bytes(b"".join(l if isinstance(l, bytes) else (l + "\n").encode() for l in lines))
+    return path
+
+
+# --------------------------------------------------------------------------- masking
+
+def test_two_round_masking_hand_written(tok):
+    ex = tokenize_conversation(tok, CONV, 128)
+    # written by hand: the Phi-3 rendering, token by token, 1 = trained
+    expected = [
+        ("<|system|>", 0), ("Ċ", 0), ("Answer", 0), ("Ġwith", 0), ("Ġthe", 0), ("Ġresult", 0),
+        ("Ġonly", 0), (".", 0), ("<|end|>", 0), ("Ċ", 0),
+        ("<|user|>", 0), ("Ċ", 0), ("Sort", 0), (":", 0), ("Ġc", 0), ("Ġa", 0), ("Ġb", 0),
+        ("<|end|>", 0), ("Ċ", 0),
+        ("<|assistant|>", 0), ("Ċ", 0), ("a", 1), ("Ġb", 1), ("Ġc", 1), ("<|end|>", 1), ("Ċ", 0),
+        ("<|user|>", 0), ("Ċ", 0), ("Add", 0), ("Ġ", 0), ("2", 0), ("Ġto", 0), ("Ġthat", 0),
+        (".", 0), ("<|end|>", 0), ("Ċ", 0),
+        ("<|assistant|>", 0), ("Ċ", 0), ("5", 1), ("<|end|>", 1), ("Ċ", 0),
+        ("<|endoftext|>", 1),
+    ]
+    assert tok.convert_ids_to_tokens(ex["input_ids"]) == [t for t, _ in expected]
+    assert ex["labels"] == [i if m else -100 for i, (_, m) in zip(ex["input_ids"], expected)]
+
+
+def test_masking_matches_piecewise_construction(tok):
+    """Independent construction: tokenise each template piece on its own."""
+    T, M = True, False
+    pieces = [("<|system|>\n", M), ("Answer with the result only.", M), ("<|end|>\n", M),
+              ("<|user|>\n", M), ("Sort: c a b", M), ("<|end|>\n", M),
+              ("<|assistant|>\n", M), ("a b c", T), ("<|end|>", T), ("\n", M),
+              ("<|user|>\n", M), ("Add 2 to that.", M), ("<|end|>\n", M),
+              ("<|assistant|>\n", M), ("5", T), ("<|end|>", T), ("\n", M), ("<|endoftext|>", T)]
+    ids, labels = [], []
+    for text, trained in pieces:
+        p = tok.encode(text, add_special_tokens=False)
+        ids += p
+        labels += p if trained else [-100] * len(p)
+    ex = tokenize_conversation(tok, CONV, 128)
+    assert ex == {"input_ids": ids, "labels": labels}
+
+
+def test_train_on_prompt_and_trailing_user_turn(tok):
+    ex = tokenize_conversation(tok, CONV, 128, train_on_prompt=True)
+    assert ex["labels"] == ex["input_ids"]
+    # a conversation ending with a user turn: its final eos is not trained
+    ex = tokenize_conversation(tok, CONV[:4], 128)
+    assert ex["input_ids"][-1] == tok.eos_token_id and ex["labels"][-1] == -100
+    assert tok.decode([i for i in ex["labels"] if i != -100]) == "a b c<|end|>"
+
+
+def test_assistant_first_and_empty_content(tok):
+    conv = [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"},
+            {"role": "assistant", "content": ""}]
+    ex = tokenize_conversation(tok, conv, 64)
+    assert tok.decode([i for i in ex["labels"] if i != -100]) == "Hi<|end|><|end|><|endoftext|>"
+
+
+def test_template_without_eos_gets_eos_appended_and_bad_template_rejected(tok):
+    no_eos = PHI3_CHAT_TEMPLATE.replace("{% else %}{{ eos_token }}", "")
+    ref = tokenize_conversation(tok, CONV, 128)
+    tok2 = load_tokenizer()
+    tok2.chat_template = no_eos
+    assert tok2.apply_chat_template(CONV, tokenize=False).endswith("5<|end|>\n")
+    ex = tokenize_conversation(tok2, CONV, 128)
+    assert ex == ref  # eos appended and trained exactly as Phi-3's template renders it
+    tok2.chat_template = PHI3_CHAT_TEMPLATE.replace("message['content'] + '<|end|>", "message['content'] | trim + '<|end|>")
+    conv = [{"role": "user", "content": "x"}, {"role": "assistant", "content": " y "}]
+    with pytest.raises(ValueError, match="does not render assistant message 2 verbatim"):
+        tokenize_conversation(tok2, conv, 128)
+
+
+def _sentencepiece_style_tokenizer():
+    """Offline stand-in for Phi-3's LlamaTokenizerFast: Metaspace pre-tokenizer, merges across
+    spaces, and role tokens with rstrip=True (they swallow the following newline), as in
+    Phi-3-mini's tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_phi3.data import load_conversations as _load
+
+    train, _, _ = _load(None)
+    texts = [m["content"] for conv in train[:500] for m in conv]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
+                                                      show_progress=False))
+    t.add_special_tokens([AddedToken("<|endoftext|>", normalized=False, special=True)] + [
+        AddedToken(s, rstrip=True, normalized=False, special=True)
+        for s in ("<|assistant|>", "<|system|>", "<|end|>", "<|user|>")])
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=PHI3_CHAT_TEMPLATE)
+
+
+def test_masking_with_sentencepiece_style_tokenizer():
+    sp = _sentencepiece_style_tokenizer()
+    ex = tokenize_conversation(sp, CONV, 128)
+    toks = sp.convert_ids_to_tokens(ex["input_ids"])
+    assert "Ċ" not in toks and "\n" not in "".join(toks)  # newlines are swallowed by rstrip
+    trained = [t for t, l in zip(toks, ex["labels"]) if l != -100]
+    assert "".join(trained).replace("▁", " ") == "a b c<|end|>5<|end|><|endoftext|>"
+    # each assistant answer is preceded by a masked <|assistant|> and ends with a trained <|end|>
+    for i, t in enumerate(toks):
+        if t == "<|assistant|>":
+            assert ex["labels"][i] == -100 and ex["labels"][i + 1] != -100
+
+
+def test_example_too_long(tok):
+    n = len(tokenize_conversation(tok, CONV, 128)["input_ids"])
+    assert len(tokenize_conversation(tok, CONV, n)["input_ids"]) == n
+    with pytest.raises(ExampleTooLong, match=f"example has {n} tokens > max_seq_length {n - 1}"):
+        tokenize_conversation(tok, CONV, n - 1)
+    assert issubclass(ExampleTooLong, ValueError)
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int, got 0"):
+        tokenize_conversation(tok, CONV, 0)
+
+
+def test_tokenize_dataset_counts_too_long(tok):
+    short = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    convs = [short, CONV, short]
+    limit = len(tokenize_conversation(tok, short, 128)["input_ids"])
+    report = DataReport(source="x", rows_read=3, kept=3)
+    out = tokenize_dataset(tok, convs, limit, report=report, locations=["x.jsonl:1", "x.jsonl:4", "x.jsonl:5"])
+    assert len(out) == 2
+    assert (report.rows_read, report.kept, report.skipped, report.too_long) == (3, 2, 1, 1)
+    assert report.problems == [f"x.jsonl:4: example has 42 tokens > max_seq_length {limit}"]
+    with pytest.raises(ValueError, match=r"^data\[1\]: example has 42 tokens > max_seq_length"):
+        tokenize_dataset(tok, convs, limit, on_bad_row="error")
+    with pytest.raises(ValueError, match="on_bad_row must be one of"):
+        tokenize_dataset(tok, convs, limit, on_bad_row="drop")
+
+
+# --------------------------------------------------------------------------- loading
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+
+BAD_ROWS = [  # (line content, expected message)
+    ('{"messages": [', "invalid JSON: Expecting value at column 15"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}',
+     "message 1 is missing field 'content'"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
+     "message 2 has unknown role 'bot' (allowed: system, user, assistant)"),
+    ('{"messages": []}', "empty conversation ('messages' is empty)"),
+    ('{"messages": [{"role": "user", "content": "a"}]}', "conversation has no assistant message"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+     "line is not valid UTF-8 (byte 0xe9 at column 47)"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 7}]}',
+     "message 2 content must be a string, got int"),
+    ('{"instruction": "x"}', "Alpaca row is missing field 'output'"),
+    ('{"instruction": "x", "output": ["y"]}', "Alpaca field 'output' must be a string, got list"),
+    ('[1, 2]', "row must be a JSON object, got list"),
+    ('{"prompt": "x", "completion": "y"}',
+     "row has neither 'messages' nor Alpaca 'instruction'/'output' fields (keys: ['completion', 'prompt'])"),
+    ('{"messages": [{"role": "user", "content": "\\udc80"}, {"role": "assistant", "content": "b"}]}',
+     "message 1 content is not valid UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_ROWS)
+def test_each_bad_row_kind_error_mode(tmp_path, line, message):
+    path = _write(tmp_path / "bad.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(ValueError) as err:
+        load_conversations(str(path), on_bad_row="error", eval_fraction=0.0)
+    assert str(err.value) == f"bad.jsonl:2: {message}"
+
+
+def test_bad_rows_skip_mode_counts_and_locations(tmp_path, caplog):
+    lines = [GOOD]
+    for line, _ in BAD_ROWS:
+        lines.append(line)
+    lines += ["", GOOD]  # a blank line is not a row
+    path = _write(tmp_path / "bad.jsonl", lines)
+    with caplog.at_level("WARNING", logger="lora_phi3.data"):
+        train, evals, rep = load_conversations(str(path), eval_fraction=0.0)
+    n_bad = len(BAD_ROWS)
+    assert len(train) == 2 and evals == []
+    assert (rep.rows_read, rep.kept, rep.skipped, rep.too_long) == (n_bad + 2, 2, n_bad, 0)
+    assert rep.problems == [f"bad.jsonl:{i + 2}: {msg}" for i, (_, msg) in enumerate(BAD_ROWS)]
+    assert rep.train_locations == ["bad.jsonl:1", f"bad.jsonl:{n_bad + 3}"]
+    assert sum("row skipped" in r.getMessage() for r in caplog.records) == n_bad
+
+
+def test_argument_errors(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [GOOD])
+    with pytest.raises(ValueError, match=r"on_bad_row must be one of \('skip', 'error'\), got 'warn'"):
+        load_conversations(str(path), on_bad_row="warn")
+    with pytest.raises(ValueError, match=r"eval_fraction must be a number in \[0, 1\), got 1.5"):
+        load_conversations(str(path), eval_fraction=1.5)
+    with pytest.raises(ValueError, match="data file '.*missing.jsonl' does not exist"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+    bad_only = _write(tmp_path / "b.jsonl", ['{"messages": []}'])
+    with pytest.raises(ValueError, match="has no usable training conversations"):
+        load_conversations(str(bad_only))
+
+
+def test_hf_name_needs_datasets():
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed")
+    with pytest.raises(ValueError, match="pip install datasets"):
+        load_conversations("someuser/some_dataset")
+
+
+def test_alpaca_rows_and_messages_mix(tmp_path):
+    path = _write(tmp_path / "a.jsonl", [
+        json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}),
+        json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}),
+        json.dumps({"instruction": "Say yo", "output": "yo"}),
+        GOOD,
+    ])
+    train, _, _ = load_conversations(str(path), eval_fraction=0.0)
+    assert train == [
+        [{"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "cat"}],
+        [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+        [{"role": "user", "content": "Say yo"}, {"role": "assistant", "content": "yo"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    ]
+
+
+def test_json_list_equals_jsonl_and_locates_rows_by_line(tmp_path):
+    rows = [json.loads(GOOD), {"instruction": "Say yo", "output": "yo"},
+            {"messages": [{"role": "bot", "content": "x"}]}, json.loads(GOOD)]
+    jl = _write(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(rows, indent=2))  # pretty-printed: rows start on lines 2, 14, 18, 26
+    a = load_conversations(str(jl), eval_fraction=0.0)
+    b = load_conversations(str(js), eval_fraction=0.0)
+    assert a[0] == b[0] and len(a[0]) == 3
+    assert b[2].train_locations == ["d.json:2", "d.json:14", "d.json:26"]
+    assert b[2].problems == ["d.json:18: message 1 has unknown role 'bot' (allowed: system, user, assistant)"]
+    # undecodable bytes inside a JSON list are a per-row problem
+    js.write_bytes(b'[\n' + GOOD.encode() + b',\n{"instruction": "caf\xe9", "output": "x"}\n]')
+    train, _, rep = load_conversations(str(js), eval_fraction=0.0)
+    assert len(train) == 1
+    assert rep.problems == ["d.json:3: Alpaca field 'instruction' is not valid UTF-8 text"]
+    # a syntax error makes the whole document unreadable: always an error, with its line
+    js.write_text('[\n' + GOOD + ',\n{"instruction": \n]')
+    with pytest.raises(ValueError, match=r"d.json:4: invalid JSON: Expecting value at column 1"):
+        load_conversations(str(js))
+
+
+def test_random_split_depends_on_seed_only(tmp_path):
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(20)]
+    path = _write(tmp_path / "d.jsonl", lines)
+    tr1, ev1, rep = load_conversations(str(path), eval_fraction=0.1, seed=3)
+    tr2, ev2, _ = load_conversations(str(path), eval_fraction=0.1, seed=3)
+    _, ev3, _ = load_conversations(str(path), eval_fraction=0.1, seed=4)
+    assert (tr1, ev1) == (tr2, ev2) and ev1 != ev3
+    assert len(ev1) == 2 and len(tr1) == 18
+    qs = sorted(c[0]["content"] for c in tr1 + ev1)
+    assert qs == sorted(f"q{i}" for i in range(20))
+    assert len(rep.train_locations) == 18 and len(rep.eval_locations) == 2
+
+
+def test_directory_with_train_and_eval_files(tmp_path):
+    _write(tmp_path / "train.jsonl", [GOOD, GOOD, GOOD])
+    _write(tmp_path / "validation.jsonl", [json.dumps({"instruction": "q", "output": "a"})])
+    train, evals, rep = load_conversations(str(tmp_path), eval_fraction=0.5)
+    assert len(train) == 3 and len(evals) == 1  # the file's split wins over eval_fraction
+    assert rep.eval_locations == ["validation.jsonl:1"]
+
+
+def test_bundled_dataset(tok):
+    train, evals, rep = load_conversations(None)
+    assert len(train) == 2000 and len(evals) == 200 and rep.skipped == 0
+    as_key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    assert not {as_key(c) for c in evals} & {as_key(c) for c in train}
+    assert any(c[0]["role"] == "system" for c in train)
+    assert any(sum(m["role"] == "assistant" for m in c) >= 2 for c in train)
+    lengths = [len(e["input_ids"]) for e in tokenize_dataset(tok, train + evals, 256)]
+    assert sum(n < 64 for n in lengths) / len(lengths) > 0.95 and max(lengths) <= 128
+
+
+# --------------------------------------------------------------------------- packing & collate
+
+def _ex(ids, labels=None):
+    return {"input_ids": list(ids), "labels": list(labels if labels is not None else ids)}
+
+
+def test_pack_examples_greedy_no_split():
+    exs = [_ex([1, 2, 3]), _ex([4, 5]), _ex([6, 7, 8, 9]), _ex([10]), _ex([11, 12, 13, 14, 15])]
+    rows = pack_examples(exs, 6)
+    assert [r["seq_lens"] for r in rows] == [[3, 2], [4, 1], [5]]
+    assert rows[0]["input_ids"] == [1, 2, 3, 4, 5]
+    assert rows[0]["position_ids"] == [0, 1, 2, 0, 1]
+    # the first label of each example is masked (it would be predicted from the previous one)
+    assert rows[0]["labels"] == [-100, 2, 3, -100, 5]
+    assert rows[1]["labels"] == [-100, 7, 8, 9, -100]
+    with pytest.raises(ExampleTooLong, match="example has 5 tokens > max_seq_length 4"):
+        pack_examples(exs, 4)
+    with pytest.raises(ValueError, match="seq_length must be a positive int, got 0"):
+        pack_examples(exs, 0)
+
+
+def test_collate_padding_and_hand_written_packed_mask():
+    rows = pack_examples([_ex([1, 2]), _ex([3]), _ex([4, 5, 6])], 3)  # rows: [1,2,3] and [4,5,6]
+    rows = [rows[0], {**rows[1], "input_ids": [4, 5], "labels": [-100, 5], "position_ids": [0, 1],
+                      "seq_lens": [2]}]
+    b = collate(rows, pad_id=0, packing=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert b["labels"].tolist() == [[-100, 2, -100], [-100, 5, -100]]
+    assert b["position_ids"].tolist() == [[0, 1, 0], [0, 1, 0]]
+    allowed = b["attention_mask"] == 0
+    assert b["attention_mask"].shape == (2, 1, 3, 3) and b["attention_mask"].dtype == torch.float32
+    assert allowed[0, 0].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert allowed[1, 0].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert b["attention_mask"].min() == torch.finfo(torch.float32).min
+    plain = collate([_ex([1, 2, 3]), _ex([4])], pad_id=9, packing=False)
+    assert plain["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert plain["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert plain["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_collate_errors():
+    rows = pack_examples([_ex([1, 2]), _ex([3])], 3)
+    with pytest.raises(ValueError, match="row 0 holds 2 packed examples; use packing=True"):
+        collate(rows, 0, packing=False)
+    with pytest.raises(ValueError, match="rows must be a non-empty list"):
+        collate([], 0, packing=True)
+    with pytest.raises(ValueError, match="mask_dtype must be a floating torch dtype, got torch.bool"):
+        collate(rows, 0, packing=True, mask_dtype=torch.bool)
+    with pytest.raises(ValueError, match="sliding_window must be None or a positive int, got 0"):
+        collate(rows, 0, packing=True, sliding_window=0)
+
+
+def _tiny_phi3(vocab, pad_id, attn, sliding_window=None):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     pad_token_id=pad_id, bos_token_id=pad_id, eos_token_id=pad_id,
+                     sliding_window=sliding_window, attn_implementation=attn)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def packed_rows(tok):
+    train, _, _ = load_conversations(None)
+    examples = tokenize_dataset(tok, train[:10], 128, train_on_prompt=True)
+    rows = pack_examples(examples, 80)
+    assert any(len(r["seq_lens"]) >= 3 for r in rows)
+    return rows[:3]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_packed_logits_and_loss_equal_examples_alone(tok, packed_rows, attn, sliding_window):
+    model = _tiny_phi3(len(tok), tok.pad_token_id, attn, sliding_window)
+    assert model.config._attn_implementation == attn
+    batch = collate(packed_rows, tok.pad_token_id, packing=True, sliding_window=sliding_window)
+    with torch.no_grad():
+        out = model(**batch)
+        loss_sum, n_tok = 0.0, 0
+        for b, row in enumerate(packed_rows):
+            off = 0
+            for n in row["seq_lens"]:
+                ids = torch.tensor([row["input_ids"][off:off + n]])
+                alone = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(out.logits[b, off:off + n], alone, atol=1e-5, rtol=0)
+                # reference loss: every next token of the example, nothing across examples
+                loss_sum += F.cross_entropy(alone[:-1], ids[0, 1:], reduction="sum").item()
+                n_tok += n - 1
+                off += n
+    # HF shifts labels inside; with boundary labels masked the packed loss is the token mean
+    torch.testing.assert_close(out.loss.item(), loss_sum / n_tok, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_packed_mask_examples_leak(tok, packed_rows):
+    """Why the 4D mask: a 2D mask, or position_ids alone with the default use_cache=True
+    (transformers 5.24 only detects packing from position_ids when no cache is created),
+    lets examples attend to each other."""
+    model = _tiny_phi3(len(tok), tok.pad_token_id, "sdpa")
+    batch = collate(packed_rows, tok.pad_token_id, packing=True)
+    plain = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in packed_rows],
+                    tok.pad_token_id, packing=False)
+    with torch.no_grad():
+        good = model(**batch).logits
+        two_d = model(input_ids=batch["input_ids"], attention_mask=plain["attention_mask"],
+                      position_ids=batch["position_ids"]).logits
+        pos_only = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    real = batch["labels"] != -100
+    assert (two_d - good)[real].abs().max() > 1e-2
+    assert (pos_only - good)[real].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_batch_logits_equal_examples_alone(tok, attn):
+    model = _tiny_phi3(len(tok), tok.pad_token_id, attn)
+    train, _, _ = load_conversations(None)
+    exs = tokenize_dataset(tok, train[:4], 128)
+    batch = collate(exs, tok.pad_token_id, packing=False)
+    with torch.no_grad():
+        out = model(**batch).logits
+        for b, ex in enumerate(exs):
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            torch.testing.assert_close(out[b, :len(ex["input_ids"])], alone, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- batches
+
+def test_batches_depend_only_on_seed_and_epoch():
+    a = batches(list(range(10)), 4, seed=1, epoch=0)
+    assert a == batches(10, 4, seed=1, epoch=0)
+    torch.manual_seed(123)  # global RNG state must not matter
+    assert a == batches(range(10), 4, seed=1, epoch=0)
+    assert [len(x) for x in a] == [4, 4, 2]
+    assert sorted(i for x in a for i in x) == list(range(10))
+    assert a != batches(10, 4, seed=1, epoch=1) and a != batches(10, 4, seed=2, epoch=0)
+    assert [len(x) for x in batches(10, 4, seed=1, epoch=0, drop_last=True)] == [4, 4]
+    assert batches(5, 2, seed=0, epoch=0, shuffle=False) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        batches(10, 0, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="epoch must be a non-negative int, got -1"):
+        batches(10, 2, seed=0, epoch=-1)
