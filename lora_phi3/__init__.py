@@ -7,10 +7,16 @@
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_state_dict, mark_only_lora_as_trainable
+from .config import LoraConfig
+from .inject import (disable_lora, get_lora_config, inject_lora, lora_modules, merge_and_unload,
+                     merge_lora, unmerge_lora)
+from . import phi3
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
     "mark_only_lora_as_trainable", "lora_state_dict",
+    "LoraConfig", "inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
+    "get_lora_config", "lora_modules", "phi3",
 ]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +58,9 @@ class LoraConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+                or not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"LoraConfig.lora_alpha must be a finite number > 0, "
+                             f"got {self.lora_alpha!r}")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
                 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be a float in [0, 1), "
@@ -64,17 +70,16 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.modules_to_save is not None:
-            ms = _names("modules_to_save", self.modules_to_save)
-            if isinstance(ms, str):
-                ms = [ms]
-            self.modules_to_save = ms
+            ms = self.modules_to_save
+            # one name is a one-name list here (suffix matching, never a regex)
+            self.modules_to_save = _names("modules_to_save", [ms] if isinstance(ms, str) else ms)
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             if isinstance(layers, int) and not isinstance(layers, bool):
                 layers = [layers]
-            if not isinstance(layers, (list, tuple)) or not all(
+            if not isinstance(layers, (list, tuple)) or not layers or not all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-                raise ValueError("LoraConfig.layers_to_transform must be a list of ints >= 0, "
+                raise ValueError("LoraConfig.layers_to_transform must be a non-empty list of ints >= 0, "
                                  f"got {self.layers_to_transform!r}")
             self.layers_to_transform = list(layers)
         if not isinstance(self.fan_in_fan_out, bool):
@@ -103,26 +108,58 @@ class LoraConfig:
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; also written (atomically) to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            _write_atomic(Path(path), text + "\n")
         return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "LoraConfig":
-        p = Path(text_or_path)
-        text = p.read_text() if not str(text_or_path).lstrip().startswith("{") and p.exists() \
-            else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        """Build from JSON text or from a JSON file's path."""
+        return cls.from_dict(json.loads(_text_or_file(text_or_path, "{")))
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written (atomically) to ``path`` if given."""
         import yaml
-        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=True)
+        if path is not None:
+            _write_atomic(Path(path), text)
+        return text
 
     @classmethod
-    def from_yaml(cls, text: str) -> "LoraConfig":
+    def from_yaml(cls, text_or_path: str | Path) -> "LoraConfig":
+        """Build from YAML text or from a YAML file's path (a path is a single line ending in
+        ``.yaml``/``.yml`` that exists)."""
         import yaml
+        text = str(text_or_path)
+        if isinstance(text_or_path, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+            text = _text_or_file(text_or_path, None)
         return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _text_or_file(text_or_path: str | Path, text_start: str | None) -> str:
+    """``text_or_path`` itself if it looks like inline text, else the file it names."""
+    if isinstance(text_or_path, str) and text_start and text_or_path.lstrip().startswith(text_start):
+        return text_or_path
+    path = Path(text_or_path)
+    if not path.is_file():
+        raise ValueError(f"LoraConfig: {str(text_or_path)[:200]!r} is neither inline config text "
+                         "nor an existing file")
+    return path.read_text()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Temp file in the same directory, then os.replace: readers never see a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _names(field_name: str, value: Any) -> list[str] | str | None:
@@ -130,6 +167,13 @@ def _names(field_name: str, value: Any) -> list[str] | str | None:
     if value is None or isinstance(value, str):
         if isinstance(value, str) and not value:
             raise ValueError(f"LoraConfig.{field_name} must not be an empty string")
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"LoraConfig.{field_name}: a single string is a regex matched "
+                                 f"against full module paths, and {value!r} is not valid: {exc}") \
+                    from None
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         if not value:

@@ -1,0 +1,531 @@
+"""Put LoRA layers into any model, and take them out again.
+
+:func:`inject_lora` swaps the modules a :class:`~lora_phi3.config.LoraConfig` selects for LoRA layers
+that share (never copy) the original weights, and freezes everything else. The rest of this module
+runs the model-wide state: :func:`merge_lora`/:func:`unmerge_lora`, the :func:`disable_lora` context
+for base-model outputs, and :func:`merge_and_unload`, which hands back the plain torch modules.
+
+Matching (``docs/injection.md`` has the long form): a list of names matches dotted-path suffixes, one
+string is a regex ``re.fullmatch``-ed against the full path, ``"all-linear"`` takes every linear-like
+module except the LM head. On Phi-3 the fused projections also answer to their slice names
+(``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.phi3`). A target that matches nothing is an
+error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import phi3
+from .config import LoraConfig
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .utils import mark_only_lora_as_trainable
+
+try:  # GPT-2-style layer with weight (in, out); optional so the injector works without transformers
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # pragma: no cover
+    _HFConv1D = None
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
+           "get_lora_config", "lora_modules", "SliceSpec", "register_quantized_factory",
+           "CONFIG_ATTR"]
+
+CONFIG_ATTR = "_lora_phi3_config"  # where inject_lora keeps the (resolved) config on the model
+_BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
+_CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' "
+                   "GPT-2 Conv1D")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+class SliceSpec(NamedTuple):
+    """Which output slices of a fused projection get an adapter (``MergedLinear`` arguments)."""
+
+    split_sizes: list[int]
+    enable_lora: list[bool]
+
+
+# quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
+# registers "nf4" here; _make_lora_module is the one place where base layers become LoRA layers.
+_QUANTIZED_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_quantized_factory(method: str, factory: Callable[..., nn.Module]) -> None:
+    """Let ``inject_lora`` build LoRA layers over quantized bases for ``quantize_base=method``.
+
+    ``factory(module, name, config, slice_spec)`` returns the LoRA module that replaces ``module``
+    (``slice_spec`` is a :class:`SliceSpec` for fused Phi-3 projections, else None).
+    """
+    _QUANTIZED_FACTORIES[method] = factory
+
+
+def _quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
+    factory = _QUANTIZED_FACTORIES.get(config.quantize_base)
+    if factory is None:
+        raise NotImplementedError(f"LoraConfig.quantize_base={config.quantize_base!r}: no quantized "
+                                  "LoRA layer is registered (import the QLoRA module, which calls "
+                                  "register_quantized_factory)")
+    return factory
+
+
+# -- what can be adapted --------------------------------------------------------------------------
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return _is_linear_like(module) or isinstance(module, (nn.Embedding, *_CONV_LORA))
+
+
+def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot take an adapter, or None if it can."""
+    if not _is_supported(module):
+        return f"its type {type(module).__name__} is not supported; supported: {SUPPORTED_TYPES}"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        kind = type(weight).__name__ if not isinstance(weight, torch.Tensor) else weight.dtype
+        return f"its weight is {kind}, not a floating-point tensor (already quantized?)"
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        # MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward.
+        return "nn.MultiheadAttention uses its out_proj weight without calling the module"
+    return None
+
+
+def _adaptable_names(model: nn.Module, slice_map: dict[str, phi3.FusedSlices]) -> list[str]:
+    """Deduplicated last path components of the modules that can take an adapter, for errors."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and _is_supported(module):
+            names[name.rpartition(".")[2]] = None
+            for alias in slice_map.get(name, phi3.FusedSlices([], ())).slice_names:
+                names[alias] = None
+    return list(names)
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except (NotImplementedError, AttributeError):
+            pass
+    for name, module in model.named_modules():
+        if name == "lm_head" or name.endswith(".lm_head"):
+            return module
+    return None
+
+
+# -- matching -------------------------------------------------------------------------------------
+def _hits(name: str, spec: list[str] | str | None) -> list[str]:
+    """The entries of ``spec`` that match the qualified module ``name`` (suffix list, or one regex)."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [spec] if re.fullmatch(spec, name) else []
+    return [t for t in spec if name == t or name.endswith("." + t)]
+
+
+def _plan(model: nn.Module, config: LoraConfig, targets: list[str] | str) -> dict[str, SliceSpec | None]:
+    """Qualified names of the modules to adapt -> their slice spec (None for a whole module)."""
+    slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
+    all_linear = targets == "all-linear"
+    head = _output_embedding(model) if all_linear else None
+    used: set[str] = set()
+    excluded_by: set[str] = set()
+    plan: dict[str, SliceSpec | None] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        fused = slice_map.get(name)
+        # A fused module answers to its own name (all slices) and to each slice's name.
+        prefix = name[: len(name) - len(name.rpartition(".")[2])]
+        aliases = [prefix + s for s in fused.slice_names] if fused else []
+        if all_linear:
+            whole = _is_linear_like(module) and module is not head \
+                and _unsupported_reason(model, name, module) is None
+            hit = [whole] + [False] * len(aliases)
+            used.update(["all-linear"] if whole else [])
+        else:
+            hit = []
+            for candidate in [name] + aliases:
+                matched = _hits(candidate, targets)
+                used.update(matched)
+                hit.append(bool(matched))
+        excl = []
+        for candidate in [name] + aliases:
+            matched = _hits(candidate, config.exclude_modules)
+            excluded_by.update(matched)
+            excl.append(bool(matched))
+        if fused:
+            enable = [(hit[0] or hit[1 + i]) and not (excl[0] or excl[1 + i])
+                      for i in range(len(aliases))]
+            if any(enable):
+                plan[name] = SliceSpec(list(fused.split_sizes), enable)
+        elif hit[0] and not excl[0]:
+            plan[name] = None
+
+    wanted = ["all-linear"] if all_linear else [targets] if isinstance(targets, str) else targets
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        if all_linear:
+            what = "target_modules='all-linear' found no nn.Linear or Conv1D (LM head aside)"
+        elif isinstance(targets, str):
+            what = f"target_modules regex {targets!r} fullmatched no module path"
+        else:
+            what = f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} matched no module"
+        raise ValueError(f"LoraConfig.{what} in {type(model).__name__}. Modules that can be adapted "
+                         f"here: {', '.join(_adaptable_names(model, slice_map)) or 'none'}")
+    exclude = config.exclude_modules
+    for entry in [exclude] if isinstance(exclude, str) else exclude or []:
+        if entry not in excluded_by:  # harmless, but likely a typo worth seeing
+            logger.warning("LoraConfig.exclude_modules entry %r matched no module", entry)
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        plan = {n: s for n, s in plan.items()
+                if (m := _LAYER_INDEX.search(n)) is not None and int(m.group(1)) in keep}
+    for name in plan:
+        reason = _unsupported_reason(model, name, model.get_submodule(name))
+        if reason is not None:
+            raise ValueError(f"LoraConfig.target_modules matched {name!r} "
+                             f"({type(model.get_submodule(name)).__name__}), which cannot take an "
+                             f"adapter: {reason}")
+    if not plan:
+        raise ValueError(f"LoraConfig: target_modules={targets!r} matched modules, but "
+                         f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
+                         f"{config.layers_to_transform!r} left none to adapt")
+    return plan
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig, plan: dict) -> list[str]:
+    names: list[str] = []
+    for entry in config.modules_to_save or []:
+        found = [n for n, _ in model.named_modules() if n and _hits(n, [entry])]
+        if not found:
+            raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} matched no module of "
+                             f"{type(model).__name__}")
+        for n in found:
+            clash = [t for t in plan if t == n or t.startswith(n + ".")]
+            if clash:
+                raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} ({n}) contains LoRA "
+                                 f"targets {clash}; a module is either trained fully or adapted")
+        names += found
+    return names
+
+
+# -- building and replacing modules ---------------------------------------------------------------
+def _make_lora_module(module: nn.Module, name: str, config: LoraConfig,
+                      slice_spec: SliceSpec | None) -> nn.Module:
+    """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
+
+    Adapters are kept in fp32 when the base weight is fp16/bf16: the optimizer then updates fp32
+    values, and the layers cast the input to fp32 and the adapter's output back.
+
+    Raises:
+        NotImplementedError: ``config.quantize_base`` is set but no factory is registered for it.
+    """
+    if config.quantize_base is not None:
+        return _quantized_factory(config)(module, name, config, slice_spec)
+    half = module.weight.dtype in (torch.float16, torch.bfloat16)
+    common = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
+                  lora_dtype=torch.float32 if half else None)
+    new: LoRALayer
+    if isinstance(module, nn.Embedding):
+        new = Embedding.from_embedding(module, **common)
+    elif isinstance(module, tuple(_CONV_LORA)):
+        conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
+        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
+    else:
+        fan_in_fan_out = _is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
+        if config.fan_in_fan_out and not fan_in_fan_out:
+            logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
+        if slice_spec is not None:
+            new = MergedLinear.from_linear(module, lora_dropout=config.lora_dropout,
+                                           enable_lora=slice_spec.enable_lora,
+                                           split_sizes=slice_spec.split_sizes,
+                                           fan_in_fan_out=fan_in_fan_out, **common)
+        else:
+            new = Linear.from_linear(module, lora_dropout=config.lora_dropout,
+                                     fan_in_fan_out=fan_in_fan_out, **common)
+    # Keep the original module (minus its parameters, which now live in the LoRA layer) so
+    # merge_and_unload returns the very class it replaced, hooks and attributes included.
+    for key in module._parameters:
+        module._parameters[key] = None
+    new.__dict__[_BASE_ATTR] = module
+    new.train(module.training)
+    return new
+
+
+def _paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is reachable under (shared modules have several)."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _inputs_require_grad(module: nn.Module, inputs, output):
+    # With every base weight frozen, the embedding output does not require grad, and reentrant
+    # activation checkpointing then returns outputs without a graph: LoRA grads silently vanish.
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
+            and output.is_floating_point() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _remove_input_grad_hooks(model: nn.Module) -> None:
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _inputs_require_grad:
+                del module._forward_hooks[key]
+
+
+# -- public API -----------------------------------------------------------------------------------
+def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Swap the modules ``config`` selects for LoRA layers, in place, and freeze everything else.
+
+    Weights are shared with the new layers, not copied. Afterwards only the LoRA parameters, the
+    biases ``config.bias`` names and the parameters of ``config.modules_to_save`` require grad.
+    Injected layers do not merge on ``eval()`` (``merge_weights=False``); call :func:`merge_lora`.
+    On a transformers model a forward hook makes the input embeddings' output require grad, so
+    activation checkpointing (reentrant or not) still reaches the adapters.
+
+    Args:
+        model: any ``nn.Module``; a Phi-3 model gets the fused-projection map.
+        config: what to adapt. ``target_modules=None`` means ``phi3.DEFAULT_TARGETS`` on Phi-3.
+
+    Returns:
+        ``model`` itself; :func:`get_lora_config` returns the config with targets resolved.
+
+    Raises:
+        TypeError: ``config`` is not a ``LoraConfig``.
+        ValueError: the model already has LoRA layers (injecting twice would stack adapters); a
+            target matched nothing; a matched module cannot take an adapter; no target on a
+            non-Phi-3 model; a ``modules_to_save`` entry matched nothing or overlaps a target.
+        NotImplementedError: ``quantize_base`` set but no quantized layer registered.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"inject_lora needs a LoraConfig, got {type(config).__name__}")
+    existing = [n or "<root>" for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    if existing or getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} already has LoRA layers ({existing[:3]}...); "
+                         "inject_lora never stacks a second adapter. Call merge_and_unload(model) "
+                         "first to bake the current one in, or load other weights into the same "
+                         "layers with load_adapter")
+    targets = config.target_modules
+    if targets is None:
+        if not phi3.is_phi3(model):
+            raise ValueError(f"LoraConfig.target_modules is None, which only has a default for "
+                             f"Phi-3; {type(model).__name__} needs explicit target_modules (a list "
+                             f"of names, a regex or 'all-linear'). Modules that can be adapted: "
+                             f"{', '.join(_adaptable_names(model, {}))}")
+        targets = list(phi3.DEFAULT_TARGETS)
+    if config.quantize_base is not None:
+        _quantized_factory(config)  # fail before any module is replaced
+    plan = _plan(model, config, targets)
+    to_save = _modules_to_save(model, config, plan)
+    paths = _paths(model)
+    for name, spec in plan.items():
+        module = model.get_submodule(name)
+        new = _make_lora_module(module, name, config, spec)
+        for path in paths[id(module)]:  # a shared module is replaced everywhere it is used
+            _replace(model, path, new)
+    mark_only_lora_as_trainable(model, config.bias)
+    for name in to_save:
+        model.get_submodule(name).requires_grad_(True)
+    embeddings = _input_embeddings(model)
+    if embeddings is not None and not any(h is _inputs_require_grad
+                                          for h in embeddings._forward_hooks.values()):
+        embeddings.register_forward_hook(_inputs_require_grad)
+    setattr(model, CONFIG_ATTR, dataclasses.replace(config, target_modules=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("inject_lora: adapted %d modules; %d of %d parameters trainable (%.3f%%)",
+                len(plan), trainable, total, 100.0 * trainable / max(total, 1))
+    return model
+
+
+def get_lora_config(model: nn.Module) -> LoraConfig | None:
+    """The config :func:`inject_lora` used (target_modules resolved), or None."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
+    """Qualified name -> LoRA layer, for every layer with an adapter (``r > 0``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.r > 0}
+
+
+def _check_not_disabled(model: nn.Module, what: str) -> None:
+    disabled = [n for n, m in lora_modules(model).items() if m.lora_disabled]
+    if disabled:
+        raise ValueError(f"cannot {what} inside disable_lora (disabled: {disabled[:3]}...)")
+
+
+def _shared_weights(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
+    """LoRA layers whose weight another module also uses (tied embeddings): merging would change it."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append((mname, module))
+    bad = []
+    for name, layer in layers.items():
+        others = [n for n, m in owners.get(id(layer.weight), []) if m is not layer]
+        if others:
+            bad.append(f"{name} (weight shared with {others})")
+    return bad
+
+
+def _merge_is_finite(layer: LoRALayer) -> bool:
+    # Same arithmetic as LoRALayer.merge, so the check sees exactly what merge would write.
+    merged = (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+    return bool(torch.isfinite(merged).all())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, safe_merge: bool = True) -> None:
+    """Fold every adapter into its base weight (idempotent); forwards then skip the adapter path.
+
+    Args:
+        model: a model with LoRA layers.
+        safe_merge: check every layer's merged weight for NaN/Inf *before* touching any weight.
+
+    Raises:
+        ValueError: a merged weight would be non-finite (no weight is changed); a LoRA layer's weight
+            is tied to another module (merging would change that module too); inside ``disable_lora``.
+    """
+    _check_not_disabled(model, "merge")
+    pending = {n: m for n, m in lora_modules(model).items() if not m.merged}
+    shared = _shared_weights(model, pending)
+    if shared:
+        raise ValueError(f"cannot merge LoRA into tied weights: {shared}; keep these adapters "
+                         "unmerged, or untie the weights first")
+    if safe_merge:
+        bad = [n for n, m in pending.items() if not _merge_is_finite(m)]
+        if bad:
+            raise ValueError(f"safe_merge refused: merged weights would contain NaN or Inf in {bad}; "
+                             "no weight was changed")
+    for layer in pending.values():
+        layer.merge(safe_merge=False)
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract every merged adapter from its base weight again, restoring the original bits."""
+    for layer in lora_modules(model).values():
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which the model computes its base outputs (adapters skipped).
+
+    Merged layers are unmerged on entry and merged again on exit; every layer's state is restored
+    on exit, also when the body raises. ``modules_to_save`` are trained in place, so they keep their
+    trained values here (they are not reverted).
+    """
+    saved = [(m, m.merged, m.lora_disabled, m.merge_weights) for m in lora_modules(model).values()]
+    try:
+        for layer, merged, _, _ in saved:
+            layer.merge_weights = False  # an eval() inside must not merge the adapter back in
+            if merged:
+                layer.unmerge()
+            layer.lora_disabled = True
+        yield model
+    finally:
+        for layer, merged, disabled, merge_weights in reversed(saved):
+            layer.lora_disabled = False
+            layer.merge() if merged else layer.unmerge()
+            layer.lora_disabled = disabled
+            layer.merge_weights = merge_weights
+
+
+def _plain(layer: LoRALayer) -> nn.Module:
+    """The torch module ``layer`` stands for, holding its (merged) weight and bias."""
+    base = layer.__dict__.get(_BASE_ATTR)
+    if base is not None:
+        for key in base._parameters:
+            base._parameters[key] = layer._parameters.get(key)
+        base.train(layer.training)
+        return base
+    # A layer built by hand (not by inject_lora): rebuild its torch class around the same tensors.
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    with torch.device("meta"):
+        if isinstance(layer, nn.Linear):
+            plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+            if layer.fan_in_fan_out:  # nn.Linear wants (out, in): one transposed copy
+                weight = nn.Parameter(weight.detach().T.contiguous(), weight.requires_grad)
+        elif isinstance(layer, nn.Embedding):
+            plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                                 layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
+        else:
+            conv_base = next(b for b in _CONV_LORA if isinstance(layer, b))
+            plain = conv_base(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                              layer.padding, layer.dilation, layer.groups, bias is not None,
+                              layer.padding_mode)
+    plain.weight = weight
+    if bias is not None:
+        plain.bias = bias
+    plain.train(layer.training)
+    return plain
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
+    """Merge every adapter and put the plain torch modules back (same storage, no copies).
+
+    Each LoRA layer made by :func:`inject_lora` is replaced by the very module it replaced
+    (``nn.Linear``, transformers ``Conv1D``, ...) now holding the merged weight, so the state dict
+    has the vanilla model's keys. The forward hook and stored config are removed; ``requires_grad``
+    flags are left as they are.
+
+    Args:
+        model: a model with LoRA layers.
+        safe_merge: as in :func:`merge_lora`.
+
+    Returns:
+        ``model`` (or the unloaded module, if ``model`` itself was a LoRA layer).
+
+    Raises:
+        ValueError: as :func:`merge_lora`.
+    """
+    _check_not_disabled(model, "merge_and_unload")
+    merge_lora(model, safe_merge=safe_merge)
+    paths = _paths(model)
+    layers = {id(m): m for m in model.modules() if isinstance(m, LoRALayer)}
+    for key, layer in layers.items():
+        plain = _plain(layer)
+        for path in paths[key]:
+            if not path:
+                model = plain
+            else:
+                _replace(model, path, plain)
+    _remove_input_grad_hooks(model)
+    model.__dict__.pop(CONFIG_ATTR, None)
+    return model

@@ -1,0 +1,474 @@
+"""The injector on generic models: an MLP with embeddings, a conv net and GPT-2 (Conv1D)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+import lora_phi3.inject as inject_mod
+from lora_phi3 import layers as L
+from lora_phi3.config import LoraConfig
+from lora_phi3.inject import (disable_lora, get_lora_config, inject_lora, lora_modules,
+                              merge_and_unload, merge_lora, register_quantized_factory, unmerge_lora)
+
+
+# -- tiny models ----------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, h):
+        return self.norm(h + self.fc2(F.gelu(self.fc1(h))))
+
+
+class TinyNet(nn.Module):
+    """Token embedding, three residual MLP blocks, an LM head: a stand-in for any transformer."""
+
+    def __init__(self, vocab=20, dim=16, n_layers=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([Block(dim) for _ in range(n_layers)])
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)  # (B, T, dim)
+        for block in self.layers:
+            h = block(h)
+        return self.lm_head(h)  # (B, T, vocab)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.conv2g = nn.Conv2d(8, 4, (3, 1), groups=2)
+        self.conv3 = nn.Conv3d(2, 4, (1, 3, 3))
+
+    def forward(self, x1, x2, x3):
+        return self.conv1(x1), self.conv2g(self.conv2(x2)), self.conv3(x3)
+
+
+def conv_inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 3, 9, generator=g), torch.randn(2, 3, 6, 5, generator=g),
+            torch.randn(1, 2, 2, 5, 5, generator=g))
+
+
+def tiny_gpt2():
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def randomize_lora(model, seed=0):
+    """Non-zero A and B everywhere, so every delta is non-zero (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        out = model(*inputs)
+    out = out.logits if hasattr(out, "logits") else out
+    return out if isinstance(out, tuple) else (out,)
+
+
+def assert_close(a, b, atol=1e-5):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-5)
+
+
+def ids(vocab=20, shape=(2, 7)):
+    return (torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(3)),)
+
+
+CASES = {  # name: (model builder, config builder, inputs builder)
+    "mlp": (TinyNet, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "embed"]), ids),
+    "conv": (ConvNet, lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["conv1", "conv2", "conv2g",
+                                                                             "conv3"]), conv_inputs),
+    "gpt2": (tiny_gpt2, lambda: LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc", "wpe"]),
+             lambda: ids(100)),
+}
+
+
+# -- wrapping and numerics ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_weights_are_shared_not_copied(case):
+    make, config, _ = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    before = {n: (m.weight, m.weight.data_ptr()) for n, m in model.named_modules()
+              if hasattr(m, "weight") and isinstance(m.weight, torch.Tensor)}
+    inject_lora(model, config())
+    assert lora_modules(model)
+    for name, layer in lora_modules(model).items():
+        param, ptr = before[name]
+        assert layer.weight is param and layer.weight.data_ptr() == ptr
+    expected = {"mlp": (L.Linear, L.Embedding), "conv": (L.Conv1d, L.Conv2d, L.Conv3d),
+                "gpt2": (L.Linear, L.Embedding)}[case]
+    assert {type(m) for m in lora_modules(model).values()} == set(expected)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_four_way_equivalence(case):
+    """Unmerged == merged == unmerged again == merge_and_unload, reloaded strictly into a vanilla model."""
+    make, config, make_inputs = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    vanilla_state = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, config())
+    randomize_lora(model)
+    inputs = make_inputs()
+    with disable_lora(model):
+        base_out = outputs(model, inputs)
+    unmerged = outputs(model, inputs)
+    assert any((u - b).abs().max() > 1e-3 for u, b in zip(unmerged, base_out))  # adapters do act
+    merge_lora(model)
+    assert all(m.merged for m in lora_modules(model).values())
+    assert_close(outputs(model, inputs), unmerged)
+    unmerge_lora(model)
+    for key, value in vanilla_state.items():  # bit-identical base weights after unmerge
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, inputs), unmerged))
+    plain = merge_and_unload(model)
+    assert plain is model and not lora_modules(model) and get_lora_config(model) is None
+    assert not any(isinstance(m, L.LoRALayer) for m in model.modules())
+    assert_close(outputs(model, inputs), unmerged)
+    torch.manual_seed(123)  # a different init: only the loaded state can make it match
+    fresh = make()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert set(fresh.state_dict()) == set(vanilla_state)
+    assert_close(outputs(fresh, inputs), unmerged)
+
+
+def test_dense_reference_for_every_layer_type():
+    torch.manual_seed(0)
+    net, convs, gpt = TinyNet(), ConvNet(), tiny_gpt2()
+    inject_lora(net, LoraConfig(r=3, lora_alpha=6, target_modules=["layers.0.fc1", "embed"]))
+    inject_lora(convs, LoraConfig(r=2, lora_alpha=5, target_modules=["conv2"]))
+    inject_lora(gpt, LoraConfig(r=2, lora_alpha=7, target_modules=["h.0.attn.c_attn"]))
+    for model in (net, convs, gpt):
+        randomize_lora(model, seed=5)
+
+    fc1 = net.layers[0].fc1
+    W, b, A, B, s = fc1.weight, fc1.bias, fc1.lora_A, fc1.lora_B, 6 / 3
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(fc1(x), x @ (W + s * B @ A).T + b, atol=1e-5, rtol=1e-5)
+
+    emb = net.embed
+    table = emb.weight + s * (emb.lora_B @ emb.lora_A).T  # (vocab, dim)
+    tok = torch.tensor([[0, 5, 19]])
+    torch.testing.assert_close(emb(tok), table[tok], atol=1e-5, rtol=1e-5)
+
+    conv = convs.conv2
+    Wc = conv.weight + 2.5 * (conv.lora_B @ conv.lora_A).view(conv.weight.shape)
+    xc = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(conv(xc), F.conv2d(xc, Wc, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+
+    c_attn = gpt.transformer.h[0].attn.c_attn  # Conv1D: weight (in, out), y = x @ W + b
+    assert isinstance(c_attn, L.Linear) and c_attn.fan_in_fan_out
+    Wg = c_attn.weight + 3.5 * (c_attn.lora_B @ c_attn.lora_A).T
+    xg = torch.randn(3, 32)
+    torch.testing.assert_close(c_attn(xg), xg @ Wg + c_attn.bias, atol=1e-5, rtol=1e-5)
+    merge_lora(gpt)
+    torch.testing.assert_close(c_attn.weight, Wg.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_disable_lora_gives_base_outputs_and_restores_state():
+    torch.manual_seed(0)
+    model = TinyNet()
+    base = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_lora(model)
+    x = ids()
+    adapted, expected = outputs(model, x), outputs(base, x)
+    with disable_lora(model) as m:
+        assert m is model
+        assert all(torch.equal(a, b) for a, b in zip(outputs(model, x), expected))
+        with disable_lora(model):  # nesting is fine
+            pass
+        assert all(l.lora_disabled for l in lora_modules(model).values())
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, x), adapted))
+
+    merge_lora(model)
+    merged_weights = {n: l.weight.clone() for n, l in lora_modules(model).items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with disable_lora(model):
+            assert not any(l.merged for l in lora_modules(model).values())
+            assert all(torch.equal(a, b) for a, b in zip(outputs(model, x), expected))
+            raise RuntimeError("boom")
+    for name, layer in lora_modules(model).items():
+        assert layer.merged and not layer.lora_disabled
+        assert torch.equal(layer.weight, merged_weights[name])
+
+
+def test_disable_lora_survives_eval_and_refuses_merge():
+    torch.manual_seed(0)
+    model = TinyNet()
+    base = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=2, target_modules=["fc1"]))
+    randomize_lora(model)
+    layer = model.layers[0].fc1
+    layer.merge_weights = True  # a hand-set loralib-style layer would merge on eval()
+    with disable_lora(model):
+        model.eval()
+        assert not layer.merged
+        assert torch.equal(outputs(model, ids())[0], outputs(base, ids())[0])
+        with pytest.raises(ValueError, match="cannot merge inside disable_lora"):
+            merge_lora(model)
+        with pytest.raises(ValueError, match="cannot merge_and_unload inside disable_lora"):
+            merge_and_unload(model)
+    assert layer.merge_weights is True and not layer.merged
+
+
+def test_injected_layers_do_not_merge_on_eval():
+    model = inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"]))
+    model.eval()
+    assert not any(l.merged for l in lora_modules(model).values())
+    model.train()
+    assert all(l.training for l in lora_modules(model).values())
+
+
+def test_safe_merge_checks_every_layer_before_touching_any():
+    torch.manual_seed(0)
+    model = inject_lora(TinyNet(), LoraConfig(r=2, target_modules="all-linear"))
+    randomize_lora(model)
+    last_name, last = list(lora_modules(model).items())[-1]
+    with torch.no_grad():
+        last.lora_B[0, 0] = float("inf")  # only the last layer in merge order is bad
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"safe_merge refused: .*{last_name}.*no weight was changed"):
+        merge_lora(model, safe_merge=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(l.merged for l in lora_modules(model).values())
+
+
+def test_merging_into_tied_weights_is_refused():
+    gpt = tiny_gpt2()
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    inject_lora(gpt, LoraConfig(target_modules=["wte"]))
+    randomize_lora(gpt)
+    head = gpt.lm_head.weight.clone()
+    with pytest.raises(ValueError, match=r"cannot merge LoRA into tied weights: .*transformer\.wte.*lm_head"):
+        merge_lora(gpt)
+    assert torch.equal(gpt.lm_head.weight, head)
+
+
+def test_fp32_adapters_on_bf16_base():
+    torch.manual_seed(0)
+    model = TinyNet().to(torch.bfloat16)
+    inject_lora(model, LoraConfig(r=4, target_modules=["fc1"]))
+    randomize_lora(model)
+    fc1 = model.layers[1].fc1
+    assert fc1.weight.dtype == torch.bfloat16 and fc1.lora_A.dtype == torch.float32
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    y = fc1(x)
+    assert y.dtype == torch.bfloat16
+    W = fc1.weight.float() + fc1.scaling * fc1.lora_B @ fc1.lora_A
+    torch.testing.assert_close(y.float(), x.float() @ W.T + fc1.bias.float(), atol=0.05, rtol=0.02)
+
+
+# -- matching -------------------------------------------------------------------------------------
+def adapted(model):
+    return sorted(lora_modules(model))
+
+
+def test_suffix_matching_is_by_dotted_component():
+    model = inject_lora(TinyNet(), LoraConfig(target_modules=["fc1", "layers.2.fc2"]))
+    assert adapted(model) == ["layers.0.fc1", "layers.1.fc1", "layers.2.fc1", "layers.2.fc2"]
+    # "c1" is a substring of "fc1" but not a dotted suffix of any name
+    with pytest.raises(ValueError, match=r"target_modules entry \['c1'\] matched no module"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["c1"]))
+
+
+def test_regex_all_linear_exclude_and_layers():
+    model = inject_lora(TinyNet(), LoraConfig(target_modules=r"layers\.[02]\.fc2"))
+    assert adapted(model) == ["layers.0.fc2", "layers.2.fc2"]
+    model = inject_lora(TinyNet(), LoraConfig(target_modules="all-linear"))
+    assert adapted(model) == [f"layers.{i}.{n}" for i in range(3) for n in ("fc1", "fc2")]  # no lm_head
+    model = inject_lora(TinyNet(), LoraConfig(target_modules="all-linear", exclude_modules=["layers.1.fc1"]))
+    assert "layers.1.fc1" not in adapted(model) and len(adapted(model)) == 5
+    model = inject_lora(TinyNet(), LoraConfig(target_modules="all-linear", exclude_modules=r".*fc2"))
+    assert adapted(model) == ["layers.0.fc1", "layers.1.fc1", "layers.2.fc1"]
+    model = inject_lora(TinyNet(), LoraConfig(target_modules=["fc1", "lm_head"], layers_to_transform=[1]))
+    assert adapted(model) == ["layers.1.fc1"]  # lm_head has no layer index, so it is dropped
+    gpt = inject_lora(tiny_gpt2(), LoraConfig(target_modules="all-linear", layers_to_transform=[1]))
+    assert adapted(gpt) == [f"transformer.h.1.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert all(isinstance(m, L.Linear) and m.fan_in_fan_out for m in lora_modules(gpt).values())
+
+
+def test_unused_exclude_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="lora_phi3.inject"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc9"]))
+    assert "exclude_modules entry 'fc9' matched no module" in caplog.text
+
+
+def test_unmatched_target_lists_what_exists():
+    with pytest.raises(ValueError, match=r"target_modules entry \['q_proj'\] matched no module in TinyNet\. "
+                                         r"Modules that can be adapted here: embed, fc1, fc2, lm_head$"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1", "q_proj"]))
+    with pytest.raises(ValueError, match=r"regex 'attn\\\\.q_proj' fullmatched no module path in "
+                                         r"GPT2LMHeadModel\. Modules that can be adapted here: "
+                                         r"wte, wpe, c_attn, c_proj, c_fc, lm_head"):
+        inject_lora(tiny_gpt2(), LoraConfig(target_modules=r"attn\.q_proj"))
+    with pytest.raises(ValueError, match=r"target_modules='all-linear' found no nn.Linear or Conv1D "
+                                         r"\(LM head aside\) in ConvNet\. .*conv1, conv2, conv2g, conv3"):
+        inject_lora(ConvNet(), LoraConfig(target_modules="all-linear"))
+
+
+def test_nothing_left_after_exclude_or_layers():
+    with pytest.raises(ValueError, match=r"exclude_modules=\['fc1'\] and layers_to_transform=None left none"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc1"]))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[7\] left none to adapt"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[7]))
+
+
+def test_unsupported_types_are_named():
+    with pytest.raises(ValueError, match=r"matched 'layers\.0\.norm' \(LayerNorm\), which cannot take an "
+                                         r"adapter: its type LayerNorm is not supported; supported: nn\.Linear"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=r"layers\.0\.norm"))
+    with pytest.raises(ValueError, match=r"matched 'layers\.1' \(Block\)"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["layers.1"]))
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match=r"'0\.out_proj' .*MultiheadAttention uses its out_proj weight"):
+        inject_lora(mha, LoraConfig(target_modules=["out_proj"]))
+
+
+def test_target_none_needs_phi3():
+    with pytest.raises(ValueError, match=r"target_modules is None, which only has a default for Phi-3; "
+                                         r"TinyNet needs explicit target_modules.*fc1, fc2"):
+        inject_lora(TinyNet(), LoraConfig())
+    with pytest.raises(TypeError, match=r"inject_lora needs a LoraConfig, got dict"):
+        inject_lora(TinyNet(), {"r": 8})
+
+
+def test_injecting_twice_is_refused_until_unloaded():
+    model = inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"]))
+    with pytest.raises(ValueError, match=r"never stacks a second adapter\. Call merge_and_unload\(model\) "
+                                         r"first.*load_adapter"):
+        inject_lora(model, LoraConfig(target_modules=["fc2"]))
+    assert adapted(model) == ["layers.0.fc1", "layers.1.fc1", "layers.2.fc1"]
+    merge_and_unload(model)
+    inject_lora(model, LoraConfig(target_modules=["fc2"]))
+    assert adapted(model) == ["layers.0.fc2", "layers.1.fc2", "layers.2.fc2"]
+
+
+def test_quantize_base_hook(monkeypatch):
+    monkeypatch.setattr(inject_mod, "_QUANTIZED_FACTORIES", {})
+    with pytest.raises(NotImplementedError, match=r"quantize_base='nf4': no quantized LoRA layer is registered"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], quantize_base="nf4"))
+    calls = []
+
+    def factory(module, name, config, slice_spec):
+        calls.append((name, config.quantize_base, slice_spec))
+        return L.Linear.from_linear(module, r=config.r, lora_alpha=config.lora_alpha)
+
+    register_quantized_factory("nf4", factory)
+    inject_lora(TinyNet(), LoraConfig(target_modules=["layers.0.fc1"], quantize_base="nf4"))
+    assert calls == [("layers.0.fc1", "nf4", None)]
+
+
+def test_shared_module_is_replaced_everywhere():
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a, model.b = shared, shared
+    inject_lora(model, LoraConfig(target_modules=["a"]))
+    assert isinstance(model.a, L.Linear) and model.a is model.b
+
+
+# -- training state -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias, trainable_biases", [
+    ("none", set()),
+    ("lora_only", {"layers.0.fc1.bias", "layers.1.fc1.bias", "layers.2.fc1.bias"}),
+    ("all", {f"layers.{i}.{n}.bias" for i in range(3) for n in ("fc1", "fc2", "norm")} | {"lm_head.bias"}),
+])
+def test_only_lora_modules_to_save_and_biases_train(bias, trainable_biases):
+    torch.manual_seed(0)
+    model = inject_lora(TinyNet(), LoraConfig(r=2, target_modules=["fc1"], bias=bias, modules_to_save=["lm_head"]))
+    randomize_lora(model)
+    lora = {f"layers.{i}.fc1.lora_{ab}" for i in range(3) for ab in "AB"}
+    expected = lora | trainable_biases | {"lm_head.weight", "lm_head.bias"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(ids()[0]).flatten(0, 1), ids()[0].flatten())
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == expected
+
+
+def test_modules_to_save_errors():
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' matched no module of TinyNet"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'layers\.0' \(layers\.0\) contains LoRA "
+                                         r"targets \['layers\.0\.fc1'\]"):
+        inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], modules_to_save=["layers.0"]))
+
+
+def test_config_and_lora_modules_are_exposed():
+    model = inject_lora(TinyNet(), LoraConfig(r=2, target_modules="all-linear"))
+    config = get_lora_config(model)
+    assert config.target_modules == "all-linear" and config.r == 2
+    assert all(isinstance(m, L.LoRALayer) and m.r == 2 for m in lora_modules(model).values())
+    assert get_lora_config(TinyNet()) is None and lora_modules(TinyNet()) == {}
+
+
+def test_deepcopy_of_injected_model_unloads_independently():
+    torch.manual_seed(0)
+    model = inject_lora(TinyNet(), LoraConfig(r=2, target_modules=["fc1"]))
+    randomize_lora(model)
+    x = ids()
+    expected = outputs(model, x)
+    clone = merge_and_unload(copy.deepcopy(model))
+    assert type(clone.layers[0].fc1) is nn.Linear
+    assert isinstance(model.layers[0].fc1, L.Linear)
+    assert clone.layers[0].fc1.weight.data_ptr() != model.layers[0].fc1.weight.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, x), expected))
+    assert_close(outputs(clone, x), expected)
+
+
+def test_merge_and_unload_of_hand_built_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(L.Linear(5, 6, r=2, lora_alpha=4), L.Linear(6, 3, r=2, fan_in_fan_out=True),
+                          L.Embedding(7, 4, r=2), L.Conv2d(2, 3, 3, r=1, padding=1))
+    randomize_lora(model)
+    x = torch.randn(2, 5)
+    y = model[1](model[0](x))
+    tok = torch.tensor([1, 6])
+    e = model[2](tok)
+    xc = torch.randn(1, 2, 4, 4)
+    c = model[3](xc)
+    ptr0 = model[0].weight.data_ptr()
+    plain = merge_and_unload(model)
+    assert [type(m) for m in plain] == [nn.Linear, nn.Linear, nn.Embedding, nn.Conv2d]
+    assert plain[0].weight.data_ptr() == ptr0  # storage reused
+    torch.testing.assert_close(plain[1](plain[0](x)), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain[2](tok), e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain[3](xc), c, atol=1e-5, rtol=1e-5)
+    root = L.Linear(3, 3, r=1)
+    assert type(merge_and_unload(root)) is nn.Linear
+
+
+def test_gpt2_merge_and_unload_restores_conv1d():
+    torch.manual_seed(0)
+    gpt = tiny_gpt2()
+    inject_lora(gpt, LoraConfig(target_modules="all-linear"))
+    randomize_lora(gpt)
+    x = ids(100)
+    expected = outputs(gpt, x)
+    merge_and_unload(gpt)
+    assert type(gpt.transformer.h[0].attn.c_attn) is Conv1D
+    assert gpt.transformer.h[0].attn.c_attn.weight.shape == (32, 96)
+    assert_close(outputs(gpt, x), expected)
