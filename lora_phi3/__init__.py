@@ -10,6 +10,8 @@ from .utils import lora_state_dict, mark_only_lora_as_trainable
 from .config import LoraConfig
 from .inject import (disable_lora, get_lora_config, inject_lora, lora_modules, merge_and_unload,
                      merge_lora, unmerge_lora)
+from .adapters import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .peft_interop import export_peft, import_peft, peft_state_dict
 from . import phi3
 
 __version__ = "0.1.0"
@@ -19,4 +21,6 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict",
     "LoraConfig", "inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
     "get_lora_config", "lora_modules", "phi3",
+    "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",
+    "export_peft", "import_peft", "peft_state_dict",
 ]
