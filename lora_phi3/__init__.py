@@ -12,6 +12,7 @@ from .inject import (disable_lora, get_lora_config, inject_lora, lora_modules, m
                      merge_lora, unmerge_lora)
 from .adapters import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .peft_interop import export_peft, import_peft, peft_state_dict
+from .nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from . import phi3
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "get_lora_config", "lora_modules", "phi3",
     "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",
     "export_peft", "import_peft", "peft_state_dict",
+    "NF4Tensor", "nf4_quantize", "nf4_dequantize",
 ]
