@@ -16,60 +16,9 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from lora_phi3 import adapters
 from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
 from lora_phi3.config import LoraConfig
+from tiny import TINY, adapted, dense_reference, logits, randomize, tiny_phi3
 from lora_phi3.inject import get_lora_config, inject_lora, lora_modules, merge_lora, unmerge_lora
-from lora_phi3.layers import MergedLinear
 
-TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-            intermediate_size=96, num_hidden_layers=2, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)
-PER_SLICE = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-X = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_phi3() -> Phi3ForCausalLM:
-    torch.manual_seed(0)  # same base weights every time
-    return Phi3ForCausalLM(Phi3Config(**TINY)).eval()
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Give every trainable tensor (A, non-zero B, saved modules, biases) random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def adapted(targets=PER_SLICE, seed=1, **kw) -> Phi3ForCausalLM:
-    model = tiny_phi3()
-    inject_lora(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets, **kw}))
-    return randomize(model, seed)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(X).logits
-
-
-def dense_reference(model) -> Phi3ForCausalLM:
-    """A plain Phi-3 whose weights are ``W + s * B_i @ A_i`` in every adapted slice."""
-    ref = tiny_phi3()
-    with torch.no_grad():
-        for name, m in lora_modules(model).items():
-            W, r, s = ref.get_submodule(name).weight, m.r, m.scaling
-            if isinstance(m, MergedLinear):
-                b0 = 0
-                for i, (start, size) in enumerate(m.lora_slices):
-                    W[start:start + size] += s * m.lora_B[b0:b0 + size] @ m.lora_A[i * r:(i + 1) * r]
-                    b0 += size
-            else:
-                W += s * m.lora_B @ m.lora_A
-        ref_state = ref.state_dict()
-        for key, t in adapter_state_dict(model).items():
-            if not key.endswith(("lora_A", "lora_B")):
-                ref_state[key].copy_(t)
-    return ref
 
 
 def snapshot(model):

@@ -7,67 +7,17 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, Phi3ForCausalLM
 
 from lora_phi3.config import LoraConfig
+from tiny import X, adapted, dense_reference, logits, randomize, tiny_phi3
 from lora_phi3.inject import get_lora_config, inject_lora, lora_modules, merge_lora
-from lora_phi3.layers import Embedding, MergedLinear
 from lora_phi3.peft_interop import export_peft, import_peft, peft_state_dict
 
 peft = pytest.importorskip("peft")
 
-TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-            intermediate_size=96, num_hidden_layers=2, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 COOKBOOK = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-X = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_phi3() -> Phi3ForCausalLM:
-    torch.manual_seed(0)
-    return Phi3ForCausalLM(Phi3Config(**TINY)).eval()
-
-
-def randomize(model: nn.Module, seed: int, only=lambda name: True) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and only(name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def adapted(targets, seed=1, **kw):
-    model = tiny_phi3()
-    inject_lora(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets, **kw}))
-    return randomize(model, seed)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(X).logits
-
-
-def dense_from_ours(model) -> Phi3ForCausalLM:
-    """Plain Phi-3 with ``W[slice_i] += s * B_i @ A_i`` for every adapter (and embeddings)."""
-    ref = tiny_phi3()
-    with torch.no_grad():
-        for name, m in lora_modules(model).items():
-            W, r, s = ref.get_submodule(name).weight, m.r, m.scaling
-            if isinstance(m, MergedLinear):
-                b0 = 0
-                for i, (start, size) in enumerate(m.lora_slices):
-                    W[start:start + size] += s * m.lora_B[b0:b0 + size] @ m.lora_A[i * r:(i + 1) * r]
-                    b0 += size
-            elif isinstance(m, Embedding):
-                W += s * (m.lora_B @ m.lora_A).T
-            else:
-                W += s * m.lora_B @ m.lora_A
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_" not in name:  # modules_to_save
-                ref.get_parameter(name).copy_(p)
-    return ref
 
 
 def dense_from_peft(peft_model, scalings) -> Phi3ForCausalLM:
@@ -96,7 +46,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, targets, kw):
     export_peft(ours, tmp_path / "p")
     theirs = peft.PeftModel.from_pretrained(tiny_phi3(), tmp_path / "p").eval()
     torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-4, rtol=0)
-    torch.testing.assert_close(logits(ours), logits(dense_from_ours(ours)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(ours), logits(dense_reference(ours)), atol=1e-4, rtol=0)
 
 
 def test_export_format_block_diagonal_b_and_rank_padding(tmp_path):
