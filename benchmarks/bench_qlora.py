@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lora_phi3.nf4 import DOUBLE_QUANT_BLOCK_SIZE, nf4_matmul, nf4_quantize
+from lora_phi3.nf4 import DOUBLE_QUANT_BLOCK_SIZE, _chunk_elements, nf4_dequantize, nf4_matmul, nf4_quantize
 
 # Phi-3-mini-4k: hidden 3072, intermediate 8192, 32 layers, vocab 32064, untied lm_head.
 HIDDEN, LAYERS, VOCAB = 3072, 32, 32064
@@ -190,6 +190,20 @@ def main() -> int:
               f"{stored / base_bytes:>11.3f} {peak:>14} "
               f"{times[name] * 1e3:>10.2f} {times[name] / base_time:>10.2f} {err:>14.4f}")  # fmt: skip
 
+    q = nf4_quantize(weight, block_size=args.block_size, double_quant=not args.no_double_quant)
+    deq_times = []
+    for round_index in range(args.warmup + args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        nf4_dequantize(q)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if round_index >= args.warmup:
+            deq_times.append(time.perf_counter() - start)
+    print(f"\nnf4_dequantize of the whole weight to bf16: {statistics.median(deq_times) * 1e3:.2f} ms "
+          "(the training step above never does this: it dequantises slabs)")
+
     rows = full_model_rows(args.block_size, not args.no_double_quant)
     print("\nPhi-3-mini base weights, NF4 projections (extrapolated from the layout above)\n")
     print(f"{'part':<24} {'params (M)':>11} {'bf16 GiB':>9} {'QLoRA GiB':>10}")
@@ -197,9 +211,9 @@ def main() -> int:
         print(f"{part:<24} {params / 1e6:>11.1f} {bf16_bytes / 2**30:>9.3f} {qlora_bytes / 2**30:>10.3f}")
     total = rows[-1]
     print(f"{'ratio':<24} {'':>11} {'':>9} {total[3] / total[2]:>10.3f}")
-    largest = max(LINEAR_SHAPES, key=lambda name: math.prod(LINEAR_SHAPES[name]))
-    print(f"(a QLoRA step also holds one transient dense bf16 projection, at most {largest}: "
-          f"{2 * math.prod(LINEAR_SHAPES[largest]) / mib:.0f} MiB)")  # fmt: skip
+    slab = max(_chunk_elements(device), max(o * args.block_size for o, _ in LINEAR_SHAPES.values()))
+    print(f"(a QLoRA step also holds one transient dense slab of a projection on {device.type}: at most "
+          f"{slab / 2**20:.0f} Mi elements, {6 * slab / mib:.0f} MiB with its fp32 staging)")  # fmt: skip
 
     ratio = variants["NF4 (ours)"][1] / base_bytes
     if ratio > MAX_BYTES_RATIO:

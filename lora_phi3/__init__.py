@@ -13,6 +13,8 @@ from .inject import (disable_lora, get_lora_config, inject_lora, lora_modules, m
 from .adapters import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .peft_interop import export_peft, import_peft, peft_state_dict
 from .nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from . import qlora  # registers the "nf4" layer factory with the injector
+from .qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
 from . import phi3
 
 __version__ = "0.1.0"
@@ -25,4 +27,5 @@ __all__ = [
     "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",
     "export_peft", "import_peft", "peft_state_dict",
     "NF4Tensor", "nf4_quantize", "nf4_dequantize",
+    "Linear4bit", "MergedLinear4bit", "load_quantized_model", "dequantize_and_merge",
 ]

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_phi3 import nf4 as nf4_module
-from lora_phi3.nf4 import NF4_CODEBOOK, NF4LinearFunction, NF4Tensor, nf4_dequantize, nf4_matmul, nf4_quantize
+from lora_phi3.nf4 import (NF4_CODEBOOK, NF4LinearFunction, NF4Tensor, nf4_dequantize, nf4_empty, nf4_matmul,
+                           nf4_quantize)
 
 # QLoRA (Dettmers et al. 2023) Appendix E, written out by hand.
 PAPER_CODEBOOK = [
@@ -150,6 +151,23 @@ def test_constant_tensor_round_trips_exactly_with_double_quant():
     assert torch.equal(q.absmax_scale, torch.zeros(1)) and torch.equal(q.dequantize(), w)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape, block_size", [((300, 128), 64), ((5, 21), 7)])
+def test_nf4_empty_has_the_layout_of_nf4_quantize(shape, block_size, double_quant):
+    real = nf4_quantize(torch.randn(*shape, dtype=torch.bfloat16), block_size, double_quant)
+    for device in ("cpu", "meta"):
+        empty = nf4_empty(shape, torch.bfloat16, block_size, double_quant, device=device)
+        assert empty.device == torch.device(device) and empty.nbytes == real.nbytes
+        assert (empty.shape, empty.dtype, empty.block_size, empty.compute_dtype, empty.double_quant) == (
+            real.shape, real.dtype, real.block_size, real.compute_dtype, real.double_quant)  # fmt: skip
+        for a, b in zip(empty._tensors(), real._tensors()):
+            assert (a is None and b is None) or (a.shape, a.dtype) == (b.shape, b.dtype)
+    with pytest.raises(ValueError, match=r"dividing the row length 21 .* got 4"):
+        nf4_empty((5, 21), torch.float32, 4)
+    with pytest.raises(TypeError, match=r"dtype must be one of .* got torch.int64"):
+        nf4_empty((5, 21), torch.int64, 7)
+
+
 @pytest.mark.parametrize("block_size", [64, 3, 0, -40, 40.0, True, "40"])
 def test_bad_block_size_is_a_value_error(block_size):
     with pytest.raises(ValueError, match=r"dividing the row length 200 .* got .*; e.g. block_size=8"):
@@ -236,6 +254,48 @@ def test_linear_function_matches_dense_reference_and_saves_no_dense_weight(doubl
     # The quantised weight is not a graph input: nothing can receive a gradient for it.
     inputs = [fn.variable for fn, _ in out.grad_fn.next_functions]
     assert len(inputs) == 2 and inputs[0] is x and inputs[1] is bias
+
+
+@pytest.mark.parametrize(
+    "out_f, in_f, block_size, chunk, dtype",
+    [(40, 128, 64, 300, torch.float32),  # 2-row slabs, 64-column slabs
+     (37, 42, 3, 100, torch.float32),  # odd block size: column slabs of whole bytes (6); last slab short
+     (64, 256, 32, 1000, torch.bfloat16),
+     (10, 256, 128, 129, torch.float16),  # one row per slab
+     (24, 35, 7, 50, torch.float32)],  # odd in_features: rows are not byte-aligned, dequantised whole
+)  # fmt: skip
+def test_linear_function_in_slabs_matches_dense_reference(monkeypatch, out_f, in_f, block_size, chunk, dtype):
+    gen = torch.Generator().manual_seed(14)
+    q = nf4_quantize(torch.randn(out_f, in_f, generator=gen), block_size=block_size, compute_dtype=dtype)
+    weight = q.dequantize()  # the dense reference, taken before the chunk size shrinks
+    monkeypatch.setitem(nf4_module._CHUNK_ELEMENTS, "cpu", chunk)
+    dense_sizes = []
+    for name in ("_dequantize_rows", "_dequantize_cols", "nf4_dequantize"):
+        real = getattr(nf4_module, name)
+        monkeypatch.setattr(nf4_module, name, lambda *a, _real=real, **k: dense_sizes.append(
+            (out := _real(*a, **k)).numel()) or out)
+    x = torch.randn(2, 3, in_f, generator=gen, requires_grad=True)
+    bias = torch.randn(out_f, generator=gen, requires_grad=True)
+    out = nf4_matmul(x, q, bias)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    grad_x, grad_bias = torch.autograd.grad(out, (x, bias), grad_out)
+
+    # The reference in fp32 on the same (compute-dtype) inputs; 16-bit outputs are then rounded.
+    x_ref = x.detach().to(dtype).float().requires_grad_(True)
+    bias_ref = bias.detach().to(dtype).float().requires_grad_(True)
+    out_ref = x_ref @ weight.float().T + bias_ref
+    ref_grad_x, ref_grad_bias = torch.autograd.grad(out_ref, (x_ref, bias_ref), grad_out.float())
+    tol = {torch.float32: {}, torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+    assert out.dtype == dtype and grad_x.dtype == torch.float32
+    torch.testing.assert_close(out.float(), out_ref, **tol[dtype])
+    torch.testing.assert_close(grad_x, ref_grad_x, **tol[dtype])
+    torch.testing.assert_close(grad_bias, ref_grad_bias, **tol[dtype])
+    if in_f % 2 == 0:  # slabs: the whole dense weight never exists
+        # a slab is at least one row, or one block (of whole bytes) of every row
+        smallest = max(in_f, out_f * block_size * (1 + block_size % 2))
+        assert max(dense_sizes) <= max(chunk, smallest) < out_f * in_f
+    else:
+        assert max(dense_sizes) == out_f * in_f
 
 
 def test_linear_function_in_bf16_compute_dtype():
