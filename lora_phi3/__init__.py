@@ -16,6 +16,8 @@ from .nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from . import qlora  # registers the "nf4" layer factory with the injector
 from .qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
 from . import phi3
+from .finetune import finetune
+from .recipe import Recipe, TrainingConfig, load_recipe
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,5 @@ __all__ = [
     "export_peft", "import_peft", "peft_state_dict",
     "NF4Tensor", "nf4_quantize", "nf4_dequantize",
     "Linear4bit", "MergedLinear4bit", "load_quantized_model", "dequantize_and_merge",
+    "finetune", "load_recipe", "Recipe", "TrainingConfig",
 ]

@@ -1,0 +1,7 @@
+"""``python -m lora_phi3`` runs the ``lora-phi3`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run outputs besides checkpoints: ``metrics.jsonl``, the loss-curve PNG, ``summary.json``.
+
+Only the main process (rank 0) calls these. JSON files that matter are written atomically
+(temporary file in the same directory, then ``os.replace``); ``metrics.jsonl`` is append-only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MetricsLog", "write_json_atomic", "plot_loss_curve", "peak_memory_bytes", "perplexity"]
+
+
+def perplexity(loss: float | None) -> float | None:
+    """``exp(loss)``, ``inf`` on overflow, None for None."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and ``os.replace``."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class MetricsLog:
+    """Append-only JSON Lines log of training and evaluation records.
+
+    Args:
+        path: the ``metrics.jsonl`` file.
+        enabled: False on non-main ranks (nothing is written).
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def append(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records; a torn last line (a killed run) is ignored."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (written by a run that was later resumed)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in self.read() if r.get("step", 0) <= step]
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike) -> bool:
+    """Plot training and evaluation loss against the step into a PNG.
+
+    Returns:
+        False (and logs why) when matplotlib is not installed or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed; no loss-curve PNG (pip install matplotlib)")
+        return False
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("type") == "eval"]
+    if not train and not evals:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / label token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = Path(path)
+    tmp = p.with_name(f".{p.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, p)
+    return True
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory of this process and what it measures.
+
+    Returns:
+        ``(bytes, kind)``: ``torch.cuda.max_memory_allocated`` on CUDA (``"cuda_max_allocated"``),
+        else the process's peak resident set size (``"cpu_max_rss"``, includes Python and libs).
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_max_rss"

@@ -1,0 +1,247 @@
+"""The training loop: AdamW on the LoRA parameters, global-batch token-mean loss, DDP, resume.
+
+Loss. Each optimizer step consumes one *global batch*: ``batch_size`` rows x
+``gradient_accumulation_steps`` micro-batches x ``world_size`` processes. Its loss is the mean
+over all label tokens of the global batch: the label tokens of every micro-batch on every rank
+are counted (and all-reduced) *before* any backward, and each micro-batch backpropagates
+``loss_sum / global_count``. DDP averages gradients over ranks, so the loss is also multiplied by
+``world_size``. Hence accumulation 2 x batch 2 == batch 4, and N ranks x batch b == 1 rank x N*b.
+
+Data order. Step ``s`` uses global batch ``s % steps_per_epoch`` of a permutation drawn from
+``(seed, epoch)`` (``data.batches``); rank ``r`` takes its contiguous share of that global batch
+and splits it into micro-batches. The order therefore depends only on the seed and the global
+batch size, never on how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .data import IGNORE_INDEX, batches, collate
+from .distributed import DistState, all_reduce_sum, no_sync
+from .losses import lm_loss_sum
+from .recipe import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainingConfig", "CausalLMLoss", "StepPlan", "make_optimizer", "make_scheduler",
+           "lr_factor", "train_step", "evaluate", "plan_steps", "global_batch_indices",
+           "autocast_context", "local_micro_batches", "enable_gradient_checkpointing"]
+
+
+class CausalLMLoss(nn.Module):
+    """``(input_ids, labels, ...) -> (loss_sum, n_label_tokens)`` for a causal LM.
+
+    Runs the decoder for hidden states and :func:`~lora_phi3.losses.lm_loss_sum` with the LM head,
+    so the full ``(tokens, vocab)`` logits never exist. This is the module that DDP wraps: its
+    forward must go through the wrapper for gradient synchronisation.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return lm_loss_sum(hidden, self.model.get_output_embeddings(), labels, self.chunk_size)
+
+
+# -- optimizer and schedule ----------------------------------------------------------------------
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` (the trainable ones) with the config's lr and weight decay.
+
+    Raises:
+        ValueError: if ``params`` is empty (nothing to train).
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: did inject_lora match any target_modules?")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
+
+    Warm-up is linear and reaches the peak at step ``warmup_steps - 1`` (the first step already
+    moves: ``1 / warmup_steps``). Afterwards: cosine or linear decay towards 0 at ``total_steps``,
+    or constant.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following :func:`lr_factor`; ``warmup_steps = ceil(warmup_ratio * total)``."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    kind = cfg.lr_scheduler
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, kind))
+
+
+# -- data positions ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """How many steps, and the global batch geometry."""
+
+    global_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    n_rows: int
+
+
+def plan_steps(n_rows: int, cfg: TrainingConfig, world_size: int) -> StepPlan:
+    """Steps per epoch (full global batches only) and total steps.
+
+    Raises:
+        ValueError: fewer training rows than one global batch.
+    """
+    g = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    spe = n_rows // g
+    if spe == 0:
+        raise ValueError(
+            f"the global batch (batch_size {cfg.batch_size} x gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} x {world_size} processes = {g} rows) is larger than "
+            f"the {n_rows} training rows; lower --batch-size or add data")
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * spe))
+    return StepPlan(global_batch_size=g, steps_per_epoch=spe, total_steps=total, n_rows=n_rows)
+
+
+def global_batch_indices(step: int, plan: StepPlan, seed: int,
+                         _cache: dict | None = None) -> list[int]:
+    """Row indices of the global batch of optimizer step ``step`` (0-based)."""
+    epoch, pos = divmod(step, plan.steps_per_epoch)
+    key = (plan.n_rows, plan.global_batch_size, seed, epoch)
+    if _cache is not None and key in _cache:
+        order = _cache[key]
+    else:
+        order = batches(plan.n_rows, plan.global_batch_size, seed=seed, epoch=epoch, drop_last=True)
+        if _cache is not None:
+            _cache.clear()
+            _cache[key] = order
+    return order[pos]
+
+
+def local_micro_batches(indices: Sequence[int], rank: int, batch_size: int,
+                        accumulation: int) -> list[list[int]]:
+    """This rank's contiguous share of a global batch, split into micro-batches."""
+    share = batch_size * accumulation
+    mine = list(indices[rank * share:(rank + 1) * share])
+    return [mine[k * batch_size:(k + 1) * batch_size] for k in range(accumulation)]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer of a transformers model.
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``;
+    whichever exists is used.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no "
+                         "gradient_checkpointing_enable(); set gradient_checkpointing: false")
+
+
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when ``bf16``, else a no-op."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -- one optimizer step --------------------------------------------------------------------------
+def train_step(wrapped: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, scheduler: Any, params: Sequence[nn.Parameter],
+               *, dist: DistState, max_grad_norm: float = 0.0,
+               bf16: bool = False) -> dict[str, float]:
+    """Accumulate gradients over ``micro_batches`` and take one optimizer step.
+
+    Args:
+        wrapped: the (possibly DDP-wrapped) :class:`CausalLMLoss`.
+        micro_batches: this rank's collated micro-batches (``collate`` output).
+        params: the trainable parameters (clipped together).
+        max_grad_norm: clip to this global norm; 0 disables clipping (the norm is still reported).
+
+    Returns:
+        ``{"loss": global token-mean loss, "label_tokens": global count, "grad_norm", "lr"}``
+        (``lr`` is the one used by this step).
+    """
+    device = dist.device
+    local = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    count_t = all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64, device=device), dist)
+    count = int(count_t.item())
+    scale = dist.world_size / max(count, 1)  # DDP averages over ranks; we want the global sum
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    lr = optimizer.param_groups[0]["lr"]
+    for k, mb in enumerate(micro_batches):
+        with no_sync(wrapped, k < len(micro_batches) - 1):
+            with autocast_context(device, bf16):
+                loss_sum, _ = wrapped(**_to(mb, device))
+            (loss_sum * scale).backward()
+        loss_total += loss_sum.detach().double()
+    all_reduce_sum(loss_total, dist)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(loss_total) / max(count, 1), "label_tokens": count,
+            "grad_norm": float(norm), "lr": lr}
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(module: nn.Module, rows: Sequence[dict], *, batch_size: int, pad_id: int,
+             packing: bool, dist: DistState, bf16: bool = False,
+             mask_dtype: torch.dtype = torch.float32,
+             sliding_window: int | None = None) -> tuple[float | None, int]:
+    """Token-mean loss of ``module`` (a :class:`CausalLMLoss`, unwrapped) over ``rows``.
+
+    Each rank evaluates ``rows[rank::world_size]``; sums and counts are all-reduced.
+
+    Returns:
+        ``(loss, label_tokens)``; loss is None when there are no label tokens.
+    """
+    was_training = module.training
+    module.eval()
+    mine = list(rows)[dist.rank::dist.world_size]
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i:i + batch_size], pad_id, packing=packing, mask_dtype=mask_dtype,
+                        sliding_window=sliding_window)
+        with autocast_context(dist.device, bf16):
+            loss_sum, n = module(**_to(batch, dist.device))
+        totals[0] += loss_sum.double()
+        totals[1] += n.double()
+    all_reduce_sum(totals, dist)
+    module.train(was_training)
+    count = int(totals[1].item())
+    return (float(totals[0]) / count if count else None), count
