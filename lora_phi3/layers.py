@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .functional import _apply as _fused_lora_linear
+
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 
 
@@ -147,6 +149,17 @@ class LoRALayer:
         return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
 
 
+def _fused_dropout_p(layer: LoRALayer) -> float | None:
+    """The adapter dropout probability the fused path should apply now (0 in eval mode), or None
+    when ``lora_dropout`` is a module the fused path does not know (then the plain path runs)."""
+    drop = layer.lora_dropout
+    if type(drop) is nn.Identity:
+        return 0.0
+    if type(drop) is nn.Dropout:
+        return drop.p if drop.training else 0.0
+    return None
+
+
 def _new_lora_param(like: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, dtype=dtype or like.dtype, device=like.device))
 
@@ -226,11 +239,16 @@ class Linear(LoRALayer, nn.Linear):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._base_weight(), self.bias)  # (..., out)
         if not self.lora_active:
-            return result
-        h = F.linear(self.lora_dropout(self._cast_in(x)), self.lora_A) * self.scaling  # (..., r)
-        return result + F.linear(h, self.lora_B).to(result.dtype)  # (..., out)
+            return F.linear(x, self._base_weight(), self.bias)  # (..., out)
+        p = _fused_dropout_p(self)
+        if p is None:  # a custom lora_dropout module: the plain autograd path
+            result = F.linear(x, self._base_weight(), self.bias)
+            h = F.linear(self.lora_dropout(self._cast_in(x)), self.lora_A) * self.scaling
+            return result + F.linear(h, self.lora_B).to(result.dtype)  # (..., out)
+        # One autograd node: saves x once, the bit-packed mask and the (..., r) intermediate.
+        return _fused_lora_linear(x, self._base_weight(), self.bias, self.lora_A, self.lora_B,
+                                  self.scaling, p, ((0, self.out_features),))
 
 
 class MergedLinear(LoRALayer, nn.Linear):
@@ -336,9 +354,13 @@ class MergedLinear(LoRALayer, nn.Linear):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._base_weight(), self.bias)  # (..., out)
         if not self.lora_active:
-            return result
+            return F.linear(x, self._base_weight(), self.bias)  # (..., out)
+        p = _fused_dropout_p(self)
+        if p is not None:  # one autograd node, as in Linear.forward
+            return _fused_lora_linear(x, self._base_weight(), self.bias, self.lora_A, self.lora_B,
+                                      self.scaling, p, tuple(self.lora_slices))
+        result = F.linear(x, self._base_weight(), self.bias)  # (..., out)
         h = F.linear(self.lora_dropout(self._cast_in(x)), self.lora_A) * self.scaling  # (..., r*k)
         r, b0 = self.r, 0
         for i, (start, size) in enumerate(self.lora_slices):

@@ -1,9 +1,15 @@
 """Causal-LM loss that never materialises the full ``(tokens, vocab)`` fp32 logits.
 
-At Phi-3's vocabulary (32064) the logits of a 4k-token batch are 0.5 GB in fp32, plus as much
-again for their gradient. Here the LM head and cross-entropy run over chunks of label tokens under
-activation checkpointing, so at most one chunk's logits exist at a time, and positions whose
-label is ``-100`` (prompts, padding) never reach the head at all.
+At Phi-3's vocabulary (32064) the logits of a 2k-token batch are 263 MB in fp32; plain
+cross-entropy keeps its log-softmax output for backward and builds as much again for each of the
+gradients, about three such tensors at the peak. Here positions whose label is ``-100`` (prompts,
+padding) never reach the head, and the rest go through the head in chunks of ``chunk_size`` tokens:
+
+- for an ``nn.Linear`` head (the usual case) one autograd function computes, chunk by chunk, the
+  logits, the loss and already the gradient ``(softmax - onehot) @ W`` with respect to the hidden
+  states; backward only scales that stored ``(N, hidden)`` gradient. At most one chunk's logits
+  exist at a time, and the head's GEMM runs twice per token instead of three times (no recompute);
+- any other head (a LoRA-wrapped one, say) runs each chunk under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -23,6 +29,59 @@ def _chunk_loss(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ W.T + b`` against ``targets``, chunk by chunk, with the
+    gradients formed in forward (so backward needs no logits). ``h`` is ``(N, H)``, ``targets``
+    ``(N,)`` with no ignored entries; returns an fp32 scalar."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(hc, weight, bias).float()  # (c, V): the only vocab-sized tensor
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                # d loss / d logits = softmax - onehot, formed in place in the logits' buffer
+                logits.sub_(lse[:, None]).exp_()
+                logits.scatter_add_(1, yc[:, None], logits.new_full((yc.shape[0], 1), -1.0))
+                g = logits.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = torch.mm(g, weight)
+                if need_w:
+                    grad_w.addmm_(logits.t(), hc.float())
+                if need_b:
+                    grad_b += logits.sum(0)
+                del g
+            del logits
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.which = (need_h, need_w, need_b)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        out = []
+        for needed, dtype in zip(ctx.which, ctx.dtypes):
+            out.append((next(saved) * grad_loss).to(dtype) if needed else None)
+        return (*out, None, None)
+
+
+def _check(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be (B, T, H) and labels (B, T); got hidden "
+                         f"{tuple(hidden.shape)} and labels {tuple(labels.shape)}")
+
+
 def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
                 chunk_size: int | None = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of label tokens.
@@ -39,7 +98,11 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
     Returns:
         ``(loss_sum, n_tokens)``: an fp32 scalar and an int64 scalar. Divide by the global token
         count to get the mean over a (possibly accumulated or distributed) batch.
+
+    Raises:
+        ValueError: if ``chunk_size`` is not a positive int or None, or the shapes disagree.
     """
+    _check(hidden, labels, chunk_size)
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # (N, H): only positions with a label
@@ -47,7 +110,11 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
     n_tokens = keep.sum()
     if y.numel() == 0:
         return hidden.sum() * 0.0, n_tokens
-    if chunk_size is None or y.numel() <= chunk_size:
+    if chunk_size is None:
+        return _chunk_loss(lm_head, h, y), n_tokens
+    if isinstance(lm_head, nn.Linear) and type(lm_head).forward is nn.Linear.forward:
+        return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_size), n_tokens
+    if y.numel() <= chunk_size:
         return _chunk_loss(lm_head, h, y), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_size):
