@@ -26,6 +26,7 @@ from .checkpoint import (capture_rng_state, clean_partial_checkpoints, find_late
 from .data import collate, load_conversations, pack_examples, tokenize_dataset
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, unwrap_model, wrap_model)
+from .functional import enable_input_recompute
 from .inject import inject_lora
 from .models import REAL_PHI3_MINI, count_parameters, load_model
 from .qlora import load_quantized_model
@@ -175,6 +176,9 @@ def _finetune(recipe: Recipe, dist: DistState, resume: bool | str, overwrite: bo
         # Inject before moving: the adapters are then initialised by the CPU generator, so a seed
         # gives the same run on CPU and GPU (the CUDA generator draws different numbers).
         inject_lora(model, recipe.lora)
+    # LoRA layers fed by a norm or by SwiGLU rebuild their input in backward instead of keeping a
+    # copy (docs/performance.md): saved activations stay close to the frozen model's.
+    enable_input_recompute(model)
     model.to(dist.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)

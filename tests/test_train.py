@@ -355,18 +355,28 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(small_data, tmp_pa
             "--save-steps", "8", "--eval-steps", "0", "--lora-dropout", "0.1",
             "--no-progress", "--log-level", "WARNING"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lora_phi3.cli", "finetune", "--output-dir",
-                             str(killed), *args], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while find_latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    # The child kills itself with SIGKILL as step 19 starts (after checkpoint-16, before 24), so
+    # the kill lands at the same place however loaded the machine is: no race with a poll loop.
+    kill_at_step_19 = (
+        "import os, signal, sys\n"
+        "import lora_phi3.finetune\n"
+        "ft = sys.modules['lora_phi3.finetune']  # the package re-exports the function by name\n"
+        "real_step, calls = ft.train_step, [0]\n"
+        "def step_or_die(*a, **k):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 19:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_step(*a, **k)\n"
+        "ft.train_step = step_or_die\n"
+        "from lora_phi3.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", kill_at_step_19, "finetune", "--output-dir",
+                           str(killed), *args], env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (killed / "summary.json").exists()
     first = find_latest_checkpoint(killed)
-    assert first is not None
+    assert first is not None and first.name == "checkpoint-16"
 
     assert main(["finetune", "--output-dir", str(killed), "--resume", *args]) == 0
     metrics = (killed / "metrics.jsonl").read_text()
