@@ -286,6 +286,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def _inputs_require_grad(module: nn.Module, inputs, output):
     # With every base weight frozen, the embedding output does not require grad, and reentrant
     # activation checkpointing then returns outputs without a graph: LoRA grads silently vanish.
+    # Under torch.compile it is skipped: requires_grad_ there is a graph break, and compiled
+    # graphs use non-reentrant checkpointing, which does not need it.
+    if torch.compiler.is_compiling():
+        return
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
             and output.is_floating_point() and not output.requires_grad:
         output.requires_grad_(True)
