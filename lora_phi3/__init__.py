@@ -2,7 +2,9 @@
 
 ``import lora_phi3 as lora`` gives the loralib names (``lora.Linear``, ``lora.MergedLinear``,
 ``lora.Embedding``, ``lora.Conv1d/2d/3d``, ``lora.mark_only_lora_as_trainable``,
-``lora.lora_state_dict``) plus the injector, adapter files and QLoRA.
+``lora.lora_state_dict``) plus the injector, adapter files and QLoRA. The fine-tuning job is
+``lora_phi3.finetune.finetune(recipe)`` (the module keeps its name; the function is not re-exported
+so ``import lora_phi3.finetune`` gives the module).
 """
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -16,7 +18,6 @@ from .nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from . import qlora  # registers the "nf4" layer factory with the injector
 from .qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
 from . import phi3
-from .finetune import finetune
 from .recipe import Recipe, TrainingConfig, load_recipe
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ __all__ = [
     "export_peft", "import_peft", "peft_state_dict",
     "NF4Tensor", "nf4_quantize", "nf4_dequantize",
     "Linear4bit", "MergedLinear4bit", "load_quantized_model", "dequantize_and_merge",
-    "finetune", "load_recipe", "Recipe", "TrainingConfig",
+    "load_recipe", "Recipe", "TrainingConfig",
 ]
