@@ -164,7 +164,48 @@ def _new_lora_param(like: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
     return nn.Parameter(torch.zeros(*shape, dtype=dtype or like.dtype, device=like.device))
 
 
-class Linear(LoRALayer, nn.Linear):
+class _LinearLoRA(LoRALayer, nn.Linear):
+    """What ``Linear`` and ``MergedLinear`` share: construction, wrapping, init and weight layout."""
+
+    fan_in_fan_out: bool
+
+    def _init_linear(self, in_features: int, out_features: int, fan_in_fan_out: bool,
+                     kwargs: dict[str, Any]) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        if fan_in_fan_out:  # stored (in, out), as GPT-2's Conv1D and loralib keep it
+            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+
+    @classmethod
+    def _wrap(cls, linear: nn.Module, fan_in_fan_out: bool):
+        """A bare instance sharing ``linear``'s weight and bias; the caller runs ``_setup``."""
+        weight = linear.weight
+        if weight.dim() != 2:
+            raise ValueError(f"from_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = getattr(linear, "bias", None)
+        return self
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Same init as loralib/the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+
+class Linear(_LinearLoRA):
     """``nn.Linear`` with a LoRA update: ``y = x @ W.T + b + scaling * dropout(x) @ A.T @ B.T``.
 
     Args:
@@ -184,9 +225,7 @@ class Linear(LoRALayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  lora_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+        self._init_linear(in_features, out_features, fan_in_fan_out, kwargs)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
 
     def _setup(self, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype) -> None:
@@ -207,32 +246,9 @@ class Linear(LoRALayer, nn.Linear):
         ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
         such as transformers' GPT-2 ``Conv1D`` (pass ``fan_in_fan_out=True``).
         """
-        weight = linear.weight
-        if weight.dim() != 2:
-            raise ValueError(f"from_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.bias = getattr(linear, "bias", None)
+        self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
         return self
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        # Same init as loralib/the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at start.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight.T if self.fan_in_fan_out else self.weight
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
@@ -251,7 +267,7 @@ class Linear(LoRALayer, nn.Linear):
                                   self.scaling, p, ((0, self.out_features),))
 
 
-class MergedLinear(LoRALayer, nn.Linear):
+class MergedLinear(_LinearLoRA):
     """A fused projection (e.g. Phi-3's ``qkv_proj``) with LoRA on a chosen subset of its slices.
 
     The output features are split into ``len(enable_lora)`` slices: equal ones as in loralib, or
@@ -271,9 +287,7 @@ class MergedLinear(LoRALayer, nn.Linear):
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
                  **kwargs: Any) -> None:
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+        self._init_linear(in_features, out_features, fan_in_fan_out, kwargs)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype)
 
@@ -318,32 +332,10 @@ class MergedLinear(LoRALayer, nn.Linear):
                     merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                     lora_dtype: torch.dtype | None = None) -> "MergedLinear":
         """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
-        weight = linear.weight
-        if weight.dim() != 2:
-            raise ValueError(f"from_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.bias = getattr(linear, "bias", None)
+        self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype)
         return self
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _base_weight(self) -> torch.Tensor:
-        return self.weight.T if self.fan_in_fan_out else self.weight
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.weight.new_zeros((self.out_features, self.in_features), dtype=torch.float32)
