@@ -4,7 +4,7 @@ Measures weights memory, LoRA parameter count, peak memory and tokens/s of train
 batch 4 x 2048 packed tokens, bf16 base + fp32 adapters, with and without gradient checkpointing.
 SCALE=small shrinks it for a CPU dry run.
 """
-import json, os, sys, time
+import json, os, time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 from lora_phi3.config import LoraConfig

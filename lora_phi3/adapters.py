@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import fsync_dir, write_synced
 from .config import LoraConfig
 from .inject import get_lora_config, inject_lora
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -153,26 +154,6 @@ def injected_preview(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows): nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
     """Write ``files`` (name, bytes) into directory ``path`` so a crash never leaves a mixed set.
 
@@ -193,13 +174,13 @@ def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         try:
             for name, data in files:
-                _write_synced(tmp / name, data)
-            _fsync_dir(tmp)
+                write_synced(tmp / name, data)
+            fsync_dir(tmp)
             os.rename(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return path
     temps: list[tuple[str, str]] = []
     try:
@@ -207,14 +188,14 @@ def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=path)
             os.close(fd)
             temps.append((tmp_name, name))
-            _write_synced(Path(tmp_name), data)
+            write_synced(Path(tmp_name), data)
         for tmp_name, name in temps:
             os.replace(tmp_name, path / name)
     finally:
         for tmp_name, _ in temps:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
-    _fsync_dir(path)
+    fsync_dir(path)
     return path
 
 

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .atomic import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["capture_rng_state", "restore_rng_state", "save_checkpoint", "find_latest_checkpoint",
@@ -122,19 +124,6 @@ def clean_partial_checkpoints(output_dir: str | os.PathLike) -> None:
 
 
 # -- write / read --------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
                     write_adapter: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer,
@@ -172,11 +161,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         (tmp / COMPLETE_MARKER).write_text("")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # e.g. a resumed run re-saving the same step
             _remove_checkpoint(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

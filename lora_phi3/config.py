@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_bytes_atomic
 from .utils import BIAS_MODES
 
 __all__ = ["LoraConfig", "QUANTIZE_METHODS"]
@@ -111,7 +109,7 @@ class LoraConfig:
         """The config as JSON text; also written (atomically) to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            _write_atomic(Path(path), text + "\n")
+            write_bytes_atomic(Path(path), (text + "\n").encode())
         return text
 
     @classmethod
@@ -124,7 +122,7 @@ class LoraConfig:
         import yaml
         text = yaml.safe_dump(self.to_dict(), sort_keys=True)
         if path is not None:
-            _write_atomic(Path(path), text)
+            write_bytes_atomic(Path(path), text.encode())
         return text
 
     @classmethod
@@ -147,19 +145,6 @@ def _text_or_file(text_or_path: str | Path, text_start: str | None) -> str:
         raise ValueError(f"LoraConfig: {str(text_or_path)[:200]!r} is neither inline config text "
                          "nor an existing file")
     return path.read_text()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Temp file in the same directory, then os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _names(field_name: str, value: Any) -> list[str] | str | None:

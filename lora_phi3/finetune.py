@@ -8,7 +8,6 @@ This is what ``lora-phi3 finetune`` runs, and the Python API equivalent of it. O
 from __future__ import annotations
 
 import logging
-import math
 import random
 import shutil
 import time
@@ -22,10 +21,10 @@ import torch.nn as nn
 
 from .adapters import load_adapter, save_adapter
 from .checkpoint import (capture_rng_state, clean_partial_checkpoints, find_latest_checkpoint,
-                         list_checkpoints, load_training_state, restore_rng_state, save_checkpoint)
+                         load_training_state, restore_rng_state, save_checkpoint)
 from .data import collate, load_conversations, pack_examples, tokenize_dataset
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
-                          teardown_distributed, unwrap_model, wrap_model)
+                          teardown_distributed, wrap_model)
 from .functional import enable_input_recompute
 from .inject import inject_lora
 from .models import REAL_PHI3_MINI, count_parameters, load_model

@@ -12,11 +12,12 @@ import math
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +32,6 @@ def perplexity(loss: float | None) -> float | None:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and ``os.replace``."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class MetricsLog:
@@ -86,11 +70,8 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in self.read() if r.get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                              for r in keep).encode())
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike) -> bool:

@@ -5,14 +5,14 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 import lora_phi3.qlora as qlora
 from lora_phi3 import LoraConfig, inject_lora, merge_and_unload, merge_lora, unmerge_lora
 from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
 from lora_phi3.inject import disable_lora
-from lora_phi3.layers import Linear, LoRALayer, MergedLinear
+from lora_phi3.layers import Linear, LoRALayer
 from lora_phi3.nf4 import nf4_quantize
 from lora_phi3.qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
 
