@@ -5,7 +5,6 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 import lora_phi3.qlora as qlora
