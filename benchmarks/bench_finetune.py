@@ -308,7 +308,7 @@ def leak_check(kind: str) -> float:
     as in training. Near 0 means leak-free.
     """
     import torch
-    from lora_phi3.data import collate, pack_examples
+    from lora_phi3.packing import collate, pack_examples
     from lora_phi3.models import load_model
     from lora_phi3.tokenizer import load_tokenizer
     tok = load_tokenizer(None)

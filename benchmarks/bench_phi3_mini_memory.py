@@ -11,7 +11,7 @@ from lora_phi3.config import LoraConfig
 from lora_phi3.inject import inject_lora
 from lora_phi3.train import CausalLMLoss, train_step, make_optimizer, make_scheduler, enable_gradient_checkpointing
 from lora_phi3.recipe import TrainingConfig
-from lora_phi3.data import collate, pack_examples
+from lora_phi3.packing import collate, pack_examples
 from lora_phi3.distributed import DistState
 
 small = os.environ.get("SCALE") == "small"

@@ -20,7 +20,8 @@ from transformers import Trainer, TrainingArguments
 
 from lora_phi3.adapters import save_adapter
 from lora_phi3.config import LoraConfig
-from lora_phi3.data import collate, load_conversations, tokenize_dataset
+from lora_phi3.data import load_conversations, tokenize_dataset
+from lora_phi3.packing import collate
 from lora_phi3.inject import inject_lora
 from lora_phi3.models import load_model
 from lora_phi3.tokenizer import load_tokenizer

@@ -22,7 +22,8 @@ import torch.nn as nn
 from .adapters import load_adapter, save_adapter
 from .checkpoint import (capture_rng_state, clean_partial_checkpoints, find_latest_checkpoint,
                          load_training_state, restore_rng_state, save_checkpoint)
-from .data import collate, load_conversations, pack_examples, tokenize_dataset
+from .data import load_conversations, tokenize_dataset
+from .packing import collate, pack_examples
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, wrap_model)
 from .functional import enable_input_recompute

@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .data import IGNORE_INDEX, batches, collate
+from .data import IGNORE_INDEX
+
+from .packing import batches, collate
 from .distributed import DistState, all_reduce_sum, no_sync
 from .losses import lm_loss_sum
 from .recipe import TrainingConfig

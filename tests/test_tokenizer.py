@@ -6,24 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tiny import CONV
 from lora_phi3.tokenizer import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "lora_phi3" / "assets"
-
-CONV = [
-    {"role": "system", "content": "Answer with the result only."},
-    {"role": "user", "content": "Sort: c a b"},
-    {"role": "assistant", "content": "a b c"},
-    {"role": "user", "content": "Add 2 to that."},
-    {"role": "assistant", "content": "5"},
-]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
 
 def test_embedded_tokenizer_is_fast_with_phi3_special_tokens(tok):
     from transformers import PreTrainedTokenizerFast

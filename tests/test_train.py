@@ -22,7 +22,7 @@ from lora_phi3.checkpoint import (capture_rng_state, find_latest_checkpoint, lis
                                   load_training_state, restore_rng_state, save_checkpoint)
 from lora_phi3.cli import main
 from lora_phi3.config import LoraConfig
-from lora_phi3.data import collate
+from lora_phi3.packing import collate
 from lora_phi3.distributed import DistState
 from lora_phi3.inject import inject_lora
 from lora_phi3.models import build_tiny_phi3

@@ -1,4 +1,4 @@
-"""Tiny models and dense references shared by the tests (nothing is downloaded)."""
+"""Tiny models, dense references and a chat shared by the tests (nothing is downloaded)."""
 
 import torch
 import torch.nn as nn
@@ -63,3 +63,13 @@ def dense_reference(model) -> Phi3ForCausalLM:
             if p.requires_grad and "lora_" not in name:
                 ref.get_parameter(name).copy_(p)
     return ref
+
+
+# A two-round conversation with a system prompt (the masking tests write its tokens out by hand).
+CONV = [
+    {"role": "system", "content": "Answer with the result only."},
+    {"role": "user", "content": "Sort: c a b"},
+    {"role": "assistant", "content": "a b c"},
+    {"role": "user", "content": "Add 2 to that."},
+    {"role": "assistant", "content": "5"},
+]
