@@ -483,7 +483,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         slices = ((0, out_f),)
     slices = tuple((int(s), int(n)) for s, n in slices)
     if not slices or lora_A.shape[0] % len(slices) or lora_B.shape[0] != sum(n for _, n in slices) \
-            or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != lora_A.shape[0] // len(slices):
+            or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != lora_A.shape[0] // len(slices) \
+            or any(s < 0 or n <= 0 or s + n > out_f for s, n in slices):
         raise ValueError(f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)} and "
                          f"slices={slices} do not fit x (..., {x.shape[-1]}) -> (..., {out_f})")
     if not 0.0 <= dropout_p < 1.0:

@@ -57,15 +57,23 @@ class SliceSpec(NamedTuple):
 # quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
 # registers "nf4" here; _make_lora_module is the one place where base layers become LoRA layers.
 _QUANTIZED_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+_QUANTIZED_CHECKS: dict[str, Callable[[nn.Module, str], None]] = {}
 
 
-def register_quantized_factory(method: str, factory: Callable[..., nn.Module]) -> None:
+def register_quantized_factory(method: str, factory: Callable[..., nn.Module],
+                               check: Callable[[nn.Module, str], None] | None = None) -> None:
     """Let ``inject_lora`` build LoRA layers over quantized bases for ``quantize_base=method``.
 
     ``factory(module, name, config, slice_spec)`` returns the LoRA module that replaces ``module``
     (``slice_spec`` is a :class:`SliceSpec` for fused Phi-3 projections, else None).
+    ``check(module, name)`` raises the factory's errors without building anything; ``inject_lora``
+    runs it on every target before replacing any, so a refused injection changes nothing.
     """
     _QUANTIZED_FACTORIES[method] = factory
+    if check is None:
+        _QUANTIZED_CHECKS.pop(method, None)  # a new factory never inherits an old one's check
+    else:
+        _QUANTIZED_CHECKS[method] = check
 
 
 def _quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
@@ -353,6 +361,10 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if config.quantize_base is not None:
         _quantized_factory(config)  # fail before any module is replaced
     plan = _plan(model, config, targets)
+    check = _QUANTIZED_CHECKS.get(config.quantize_base) if config.quantize_base else None
+    if check is not None:
+        for name in plan:  # every refusal happens here, before the first replacement
+            check(model.get_submodule(name), name)
     to_save = _modules_to_save(model, config, plan)
     paths = _paths(model)
     for name, spec in plan.items():

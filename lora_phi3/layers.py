@@ -69,13 +69,18 @@ class LoRALayer:
 
     # -- the dense update: one method per layer type -------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling * B @ A`` in ``weight``'s layout, computed in fp32."""
+        """The dense update ``scaling * B @ A`` in ``weight``'s layout, in fp32 (fp64 for fp64 adapters)."""
         raise NotImplementedError
 
     @property
     def lora_active(self) -> bool:
         """True when the forward must add the adapter's output (rank > 0, not merged, not disabled)."""
         return self.r > 0 and not self.merged and not self.lora_disabled
+
+    @staticmethod
+    def _acc(t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the dtype the update is formed in: fp32, or fp64 for fp64 adapters."""
+        return t.to(torch.promote_types(t.dtype, torch.float32))
 
     # -- merge protocol --------------------------------------------------------------------------
     @torch.no_grad()
@@ -95,11 +100,11 @@ class LoRALayer:
         if self.merged or self.r == 0:
             return
         delta = self.delta_weight()
-        merged = (self.weight.float() + delta).to(self.weight.dtype)
+        merged = (self.weight.to(delta.dtype) + delta).to(self.weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"safe_merge refused {type(self).__name__}: the merged weight would "
                              "contain NaN or Inf; the weight is unchanged")
-        round_trip = (merged.float() - delta).to(self.weight.dtype)
+        round_trip = (merged.to(delta.dtype) - delta).to(self.weight.dtype)
         lost = (round_trip != self.weight).flatten().nonzero().squeeze(1)
         self._unmerge_fix = (lost, self.weight.flatten()[lost].clone())
         self.weight.copy_(merged)
@@ -110,7 +115,8 @@ class LoRALayer:
         """Subtract the update from ``weight`` again, restoring the original bits. Idempotent."""
         if not self.merged:
             return
-        restored = (self.weight.float() - self.delta_weight()).to(self.weight.dtype)
+        delta = self.delta_weight()
+        restored = (self.weight.to(delta.dtype) - delta).to(self.weight.dtype)
         lost, values = getattr(self, "_unmerge_fix", (None, None))
         if lost is not None and lost.numel():
             restored.view(-1)[lost.to(restored.device)] = values.to(restored.device)
@@ -251,7 +257,7 @@ class Linear(_LinearLoRA):
         return self
 
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
+        delta = (self._acc(self.lora_B) @ self._acc(self.lora_A)) * self.scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,8 +344,8 @@ class MergedLinear(_LinearLoRA):
         return self
 
     def delta_weight(self) -> torch.Tensor:
-        delta = self.weight.new_zeros((self.out_features, self.in_features), dtype=torch.float32)
-        A, B, r, b0 = self.lora_A.float(), self.lora_B.float(), self.r, 0
+        A, B, r, b0 = self._acc(self.lora_A), self._acc(self.lora_B), self.r, 0
+        delta = A.new_zeros((self.out_features, self.in_features))
         for i, (start, size) in enumerate(self.lora_slices):
             delta[start:start + size] = B[b0:b0 + size] @ A[i * r:(i + 1) * r] * self.scaling
             b0 += size
@@ -409,7 +415,7 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).T * self.scaling  # (num_embeddings, dim)
+        return (self._acc(self.lora_B) @ self._acc(self.lora_A)).T * self.scaling  # (num_embeddings, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = nn.Embedding.forward(self, x)  # (..., dim)
@@ -481,7 +487,7 @@ class _ConvLoRA(LoRALayer):
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).view(self.weight.shape) * self.scaling
+        return (self._acc(self.lora_B) @ self._acc(self.lora_A)).view(self.weight.shape) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.lora_active:

@@ -112,6 +112,12 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
         return hidden.sum() * 0.0, n_tokens
     if chunk_size is None:
         return _chunk_loss(lm_head, h, y), n_tokens
+    if not torch.is_grad_enabled():
+        # Evaluation: chunk for memory, but no gradient work (the fused function below would form
+        # the head's gradient whenever its weight requires grad, even under no_grad).
+        total = sum(_chunk_loss(lm_head, h[i:i + chunk_size], y[i:i + chunk_size])
+                    for i in range(0, y.numel(), chunk_size))
+        return total, n_tokens
     if isinstance(lm_head, nn.Linear) and type(lm_head).forward is nn.Linear.forward:
         return _LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, y, chunk_size), n_tokens
     if y.numel() <= chunk_size:

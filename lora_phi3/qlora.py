@@ -308,6 +308,27 @@ def _quantize_weight(weight: torch.Tensor, fan_in_fan_out: bool, block_size: int
 
 
 # -- the injector's factory ------------------------------------------------------------------------
+def nf4_lora_check(module: nn.Module, name: str) -> None:
+    """Raise the factory's errors without building anything (``inject_lora`` checks every target
+    first, so a refused injection leaves the model untouched).
+
+    Raises:
+        ValueError: ``module`` is not linear-like, or its row length (in_features) is not a
+            multiple of the block size, naming the module.
+    """
+    fan_in_fan_out = _HFConv1D is not None and isinstance(module, _HFConv1D)
+    if not (isinstance(module, nn.Linear) or fan_in_fan_out):
+        raise ValueError(f"LoraConfig.quantize_base='nf4' quantizes linear layers only; {name!r} is "
+                         f"{type(module).__name__}: drop it from target_modules or add it to "
+                         "exclude_modules")
+    shape = tuple(module.weight.shape)
+    in_features = shape[0] if fan_in_fan_out else shape[1]
+    if in_features % DEFAULT_BLOCK_SIZE:
+        raise ValueError(f"LoraConfig.quantize_base='nf4' cannot quantize {name!r} (weight {shape}): "
+                         f"its row length in_features={in_features} is not a multiple of the "
+                         f"block size {DEFAULT_BLOCK_SIZE}; add it to exclude_modules")
+
+
 def nf4_lora_factory(module: nn.Module, name: str, config: LoraConfig,
                      slice_spec: inject.SliceSpec | None) -> nn.Module:
     """Build the QLoRA layer replacing ``module`` for ``inject_lora`` (``quantize_base="nf4"``).
@@ -320,21 +341,14 @@ def nf4_lora_factory(module: nn.Module, name: str, config: LoraConfig,
         ValueError: ``module`` is not linear-like, or its row length (in_features) is not a
             multiple of the block size, naming the module.
     """
+    nf4_lora_check(module, name)
     fan_in_fan_out = _HFConv1D is not None and isinstance(module, _HFConv1D)
-    if not (isinstance(module, nn.Linear) or fan_in_fan_out):
-        raise ValueError(f"LoraConfig.quantize_base='nf4' quantizes linear layers only; {name!r} is "
-                         f"{type(module).__name__}: drop it from target_modules or add it to "
-                         "exclude_modules")
     weight = module.weight
     half = weight.dtype in (torch.float16, torch.bfloat16)
     common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                   fan_in_fan_out=fan_in_fan_out, merge_weights=False,
                   lora_dtype=torch.float32 if half else None)
-    try:
-        q = _quantize_weight(weight, fan_in_fan_out, DEFAULT_BLOCK_SIZE, True)
-    except ValueError as e:
-        raise ValueError(f"LoraConfig.quantize_base='nf4' cannot quantize {name!r} (weight "
-                         f"{tuple(weight.shape)}): {e}") from None
+    q = _quantize_weight(weight, fan_in_fan_out, DEFAULT_BLOCK_SIZE, True)
     bias = getattr(module, "bias", None)
     if slice_spec is not None:
         new: LoRALayer = MergedLinear4bit.from_nf4(q, bias, enable_lora=slice_spec.enable_lora,
@@ -350,7 +364,7 @@ def nf4_lora_factory(module: nn.Module, name: str, config: LoraConfig,
     return new
 
 
-inject.register_quantized_factory("nf4", nf4_lora_factory)
+inject.register_quantized_factory("nf4", nf4_lora_factory, check=nf4_lora_check)
 
 
 # -- model-wide helpers ----------------------------------------------------------------------------

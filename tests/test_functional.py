@@ -407,6 +407,10 @@ def test_lora_linear_rejects_mismatched_shapes():
         lora_linear(x, W, None, torch.randn(2, 6), torch.randn(4, 2), 1.0)
     with pytest.raises(ValueError, match=r"lora_A \(3, 6\).*slices=\(\(0, 2\), \(2, 3\)\)"):
         lora_linear(x, W, None, torch.randn(3, 6), torch.randn(5, 1), 1.0, slices=[(0, 2), (2, 3)])
+    # sizes that add up but a slice that runs past the output (rows 4..6 of 5)
+    with pytest.raises(ValueError, match=r"slices=\(\(0, 2\), \(4, 2\)\) do not fit x \(\.\.\., 6\) "
+                                         r"-> \(\.\.\., 5\)"):
+        lora_linear(x, W, None, torch.randn(4, 6), torch.randn(4, 2), 1.0, slices=[(0, 2), (4, 2)])
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0])

@@ -366,6 +366,7 @@ def test_injecting_twice_is_refused_until_unloaded():
 
 def test_quantize_base_hook(monkeypatch):
     monkeypatch.setattr(inject_mod, "_QUANTIZED_FACTORIES", {})
+    monkeypatch.setattr(inject_mod, "_QUANTIZED_CHECKS", {})
     with pytest.raises(NotImplementedError, match=r"quantize_base='nf4': no quantized LoRA layer is registered"):
         inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], quantize_base="nf4"))
     calls = []

@@ -105,3 +105,25 @@ def test_mismatched_labels_are_rejected():
     head, hidden, labels = _setup()
     with pytest.raises(ValueError, match=r"labels \(B, T\).*labels \(2, 12\)"):
         lm_loss_sum(hidden, head, labels[:, :-1], 4)
+
+
+def test_no_grad_evaluation_matches_and_forms_no_head_gradient(monkeypatch):
+    # With a trainable head (modules_to_save=["lm_head"]) evaluation must not build the head's
+    # (vocab, hidden) gradient: the fused function is not even entered under no_grad.
+    import lora_phi3.losses as losses
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)  # weight requires grad
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    calls = []
+    real_apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply",
+                        lambda *a: calls.append(1) or real_apply(*a))
+    with torch.no_grad():
+        total, n = lm_loss_sum(hidden, head, labels, chunk_size=4)
+    logits = head(hidden[:, :-1]).reshape(-1, 50)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum",
+                                                 ignore_index=-100)
+    torch.testing.assert_close(total, expected.detach(), atol=1e-4, rtol=1e-5)
+    assert int(n) == int((labels[:, 1:] != -100).sum()) and calls == []
