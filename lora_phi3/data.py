@@ -206,6 +206,12 @@ def _read_file(path: Path, report: DataReport, on_bad_row: str) -> tuple[list[li
         head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
     rows = (_json_list_rows(path, name, report) if head.startswith(b"[")
             else _jsonl_rows(path, name, report, on_bad_row))
+    return _conversations(rows, report, on_bad_row)
+
+
+def _conversations(rows, report: DataReport, on_bad_row: str) -> tuple[list[list[dict]], list[str]]:
+    """Validate ``(location, row)`` pairs into conversations and their locations; bad rows are
+    skipped (and counted) or raised according to ``on_bad_row``."""
     convs, locs = [], []
     for loc, row in rows:
         try:
@@ -243,17 +249,9 @@ def _read_hf(source: str, report: DataReport, on_bad_row: str):
         splits = {"train": ds}
     out = {}
     for key, split in splits.items():
-        convs, locs = [], []
-        for i, row in enumerate(split):
-            report.rows_read += 1
-            loc = f"{source}[{key}]:row {i}"
-            try:
-                convs.append(_to_messages(row))
-            except _RowError as e:
-                _bad_row(report, on_bad_row, loc, str(e))
-                continue
-            locs.append(loc)
-        out[key] = (convs, locs)
+        report.rows_read += len(split)
+        out[key] = _conversations(((f"{source}[{key}]:row {i}", row) for i, row in enumerate(split)),
+                                  report, on_bad_row)
     return out
 
 

@@ -281,3 +281,19 @@ def test_bundled_dataset(tok):
     assert any(sum(m["role"] == "assistant" for m in c) >= 2 for c in train)
     lengths = [len(e["input_ids"]) for e in tokenize_dataset(tok, train + evals, 256)]
     assert sum(n < 64 for n in lengths) / len(lengths) > 0.95 and max(lengths) <= 128
+
+
+def test_hf_dataset_directory_with_bad_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "bot", "content": "x"}]}
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([good, bad]),
+        "test": datasets.Dataset.from_list([{"instruction": "a", "output": "b"}]),  # Alpaca
+    }).save_to_disk(str(tmp_path))
+    train, evals, report = load_conversations(str(tmp_path))
+    assert train == [good["messages"]]
+    assert evals == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
+    assert (report.rows_read, report.kept, report.skipped) == (3, 2, 1)
+    assert report.problems == [f"{tmp_path}[train]:row 1: message 1 has unknown role 'bot' "
+                               "(allowed: system, user, assistant)"]

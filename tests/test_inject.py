@@ -15,6 +15,7 @@ from lora_phi3 import layers as L
 from lora_phi3.config import LoraConfig
 from lora_phi3.inject import (disable_lora, get_lora_config, inject_lora, lora_modules,
                               merge_and_unload, merge_lora, register_quantized_factory, unmerge_lora)
+from tiny import randomize_lora
 
 
 # -- tiny models ----------------------------------------------------------------------------------
@@ -65,15 +66,6 @@ def tiny_gpt2():
     config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, bos_token_id=0,
                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
-
-
-def randomize_lora(model, seed=0):
-    """Non-zero A and B everywhere, so every delta is non-zero (B starts at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
 
 
 def outputs(model, inputs):

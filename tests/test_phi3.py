@@ -16,6 +16,7 @@ from lora_phi3 import phi3
 from lora_phi3.config import LoraConfig
 from lora_phi3.inject import (disable_lora, get_lora_config, inject_lora, lora_modules,
                               merge_and_unload, merge_lora, unmerge_lora)
+from tiny import randomize_lora as _randomize_lora
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER = 128, 64, 8, 2, 96  # head_dim 8: q 64 rows, k 16, v 16
 Q, KV = HEADS * HIDDEN // HEADS, KV_HEADS * HIDDEN // HEADS
@@ -35,11 +36,7 @@ def tiny_phi3(seed=0, **overrides):
 
 
 def randomize_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_modules(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+    return _randomize_lora(model, seed, scale=0.2)
 
 
 def logits(model, ids):

@@ -32,6 +32,16 @@ def randomize(model: nn.Module, seed: int, only=lambda name: True) -> nn.Module:
     return model
 
 
+def randomize_lora(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
+    """Non-zero A and B in every LoRA layer, so every delta is non-zero (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+    return model
+
+
 def adapted(targets=PER_SLICE, seed=1, **kw) -> Phi3ForCausalLM:
     model = tiny_phi3()
     inject_lora(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets, **kw}))
