@@ -30,7 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic import fsync_dir, write_synced
+from .atomic import fsync_dir, make_temp_dir, write_synced
 from .config import LoraConfig
 from .inject import get_lora_config, inject_lora
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -171,7 +171,7 @@ def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
     parent = path.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        tmp = make_temp_dir(parent, f".{path.name}.tmp-")
         try:
             for name, data in files:
                 write_synced(tmp / name, data)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "write_synced", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["fsync_dir", "write_synced", "write_bytes_atomic", "write_json_atomic", "make_temp_dir"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -57,3 +57,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh directory in ``parent`` to build output in before renaming it into place.
+
+    ``tempfile.mkdtemp`` makes it private (0700); it gets the usual permissions (0777 minus the
+    umask) instead, so the renamed adapter or checkpoint is as readable as any other output.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path

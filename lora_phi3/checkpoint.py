@@ -21,14 +21,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
+    tmp = make_temp_dir(root, f"{_TMP_PREFIX}{step}-")
     try:
         write_adapter(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

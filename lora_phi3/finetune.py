@@ -113,10 +113,12 @@ def generate_answer(model: nn.Module, tokenizer, messages: list[dict], *,
         stop.append(end_id)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -235,14 +235,16 @@ def evaluate(module: nn.Module, rows: Sequence[dict], *, batch_size: int, pad_id
     module.eval()
     mine = list(rows)[dist.rank::dist.world_size]
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for i in range(0, len(mine), batch_size):
-        batch = collate(mine[i:i + batch_size], pad_id, packing=packing, mask_dtype=mask_dtype,
-                        sliding_window=sliding_window)
-        with autocast_context(dist.device, bf16):
-            loss_sum, n = module(**_to(batch, dist.device))
-        totals[0] += loss_sum.double()
-        totals[1] += n.double()
+    try:
+        for i in range(0, len(mine), batch_size):
+            batch = collate(mine[i:i + batch_size], pad_id, packing=packing, mask_dtype=mask_dtype,
+                            sliding_window=sliding_window)
+            with autocast_context(dist.device, bf16):
+                loss_sum, n = module(**_to(batch, dist.device))
+            totals[0] += loss_sum.double()
+            totals[1] += n.double()
+    finally:
+        module.train(was_training)  # also after an error: the caller's mode is never lost
     all_reduce_sum(totals, dist)
-    module.train(was_training)
     count = int(totals[1].item())
     return (float(totals[0]) / count if count else None), count

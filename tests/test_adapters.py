@@ -375,3 +375,13 @@ def test_phi3_mini_adapter_size_at_r16():
     assert all(k.endswith(("lora_A", "lora_B")) for k in sd) and len(sd) == 4 * 2 * layers
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     assert nbytes == 119_537_664  # fp32 adapters: 119.5 MB (bf16 would be half)
+
+
+def test_saved_adapter_directory_has_normal_permissions(tmp_path):
+    # Built in a temp dir (mkdtemp makes those 0700) and renamed: it must end up 0777 - umask.
+    umask = os.umask(0o022)
+    try:
+        out = save_adapter(adapted(), tmp_path / "adapter")
+    finally:
+        os.umask(umask)
+    assert (os.stat(out).st_mode & 0o777) == 0o755
