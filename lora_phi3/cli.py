@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -220,6 +221,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
+    from .atomic import make_temp_dir
     from .inject import merge_and_unload
 
     base = _base_model_of(args.adapter, args.model)
@@ -227,8 +229,22 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     model = merge_and_unload(model)
     out = Path(args.output_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"lora-phi3 merge: --output-dir {out} exists and is not empty; choose a new "
+                         "directory (a merged checkpoint is never written over another)")
+    # Written complete into a temp dir beside the target, then renamed: a crash never leaves a
+    # half-written checkpoint that from_pretrained would load.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained or "
           f"--model {out})")
     return 0

@@ -109,7 +109,9 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
     y = targets[keep]
     n_tokens = keep.sum()
     if y.numel() == 0:
-        return hidden.sum() * 0.0, n_tokens
+        # A zero that still passes through the head: under DDP a trainable head (modules_to_save)
+        # must take part in every backward, or the ranks' gradient reductions fall out of step.
+        return lm_head(hidden[:, :1]).float().sum() * 0.0, n_tokens
     if chunk_size is None:
         return _chunk_loss(lm_head, h, y), n_tokens
     if not torch.is_grad_enabled():

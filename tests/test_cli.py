@@ -124,6 +124,9 @@ def test_merge_writes_a_plain_hf_checkpoint_with_w_plus_scaled_ba(default_run, t
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
     assert AutoTokenizer.from_pretrained(merged_dir).chat_template == tok.chat_template
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+    with pytest.raises(SystemExit, match=r"--output-dir .*merged exists and is not empty"):
+        main(["merge", "--adapter", str(out / "adapter"), "--output-dir", str(merged_dir)])
 
 
 def test_export_peft_loads_in_peft_with_the_same_outputs(default_run, tmp_path):

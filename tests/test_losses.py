@@ -127,3 +127,13 @@ def test_no_grad_evaluation_matches_and_forms_no_head_gradient(monkeypatch):
                                                  ignore_index=-100)
     torch.testing.assert_close(total, expected.detach(), atol=1e-4, rtol=1e-5)
     assert int(n) == int((labels[:, 1:] != -100).sum()) and calls == []
+
+
+def test_no_label_tokens_gives_zero_that_still_reaches_the_head():
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    total, n = lm_loss_sum(hidden, head, labels, chunk_size=4)
+    total.backward()
+    assert total.item() == 0.0 and int(n) == 0
+    assert head.weight.grad is not None and torch.count_nonzero(head.weight.grad) == 0
