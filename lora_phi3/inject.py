@@ -5,11 +5,7 @@ that share (never copy) the original weights, and freezes everything else. The r
 runs the model-wide state: :func:`merge_lora`/:func:`unmerge_lora`, the :func:`disable_lora` context
 for base-model outputs, and :func:`merge_and_unload`, which hands back the plain torch modules.
 
-Matching (``docs/injection.md`` has the long form): a list of names matches dotted-path suffixes, one
-string is a regex ``re.fullmatch``-ed against the full path, ``"all-linear"`` takes every linear-like
-module except the LM head. On Phi-3 the fused projections also answer to their slice names
-(``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.phi3`). A target that matches nothing is an
-error, not a silent no-op.
+Which modules are chosen is :mod:`lora_phi3.matching` (``docs/injection.md`` has the long form).
 """
 
 from __future__ import annotations
@@ -17,8 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,6 +21,7 @@ import torch.nn as nn
 from . import phi3
 from .config import LoraConfig
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .matching import SliceSpec, adaptable_names, is_hf_conv1d, plan_targets, saved_module_names
 from .utils import mark_only_lora_as_trainable
 
 try:  # GPT-2-style layer with weight (in, out); optional so the injector works without transformers
@@ -42,17 +38,6 @@ __all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_a
 CONFIG_ATTR = "_lora_phi3_config"  # where inject_lora keeps the (resolved) config on the model
 _BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
 _CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' "
-                   "GPT-2 Conv1D")
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-
-
-class SliceSpec(NamedTuple):
-    """Which output slices of a fused projection get an adapter (``MergedLinear`` arguments)."""
-
-    split_sizes: list[int]
-    enable_lora: list[bool]
-
 
 # quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
 # registers "nf4" here; _make_lora_module is the one place where base layers become LoRA layers.
@@ -85,157 +70,6 @@ def _quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
     return factory
 
 
-# -- what can be adapted --------------------------------------------------------------------------
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return _HFConv1D is not None and isinstance(module, _HFConv1D)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
-
-
-def _is_supported(module: nn.Module) -> bool:
-    return _is_linear_like(module) or isinstance(module, (nn.Embedding, *_CONV_LORA))
-
-
-def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
-    """Why ``module`` cannot take an adapter, or None if it can."""
-    if not _is_supported(module):
-        return f"its type {type(module).__name__} is not supported; supported: {SUPPORTED_TYPES}"
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        kind = type(weight).__name__ if not isinstance(weight, torch.Tensor) else weight.dtype
-        return f"its weight is {kind}, not a floating-point tensor (already quantized?)"
-    parent_name = name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        # MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward.
-        return "nn.MultiheadAttention uses its out_proj weight without calling the module"
-    return None
-
-
-def _adaptable_names(model: nn.Module, slice_map: dict[str, phi3.FusedSlices]) -> list[str]:
-    """Deduplicated last path components of the modules that can take an adapter, for errors."""
-    names: dict[str, None] = {}
-    for name, module in model.named_modules():
-        if name and _is_supported(module):
-            names[name.rpartition(".")[2]] = None
-            for alias in slice_map.get(name, phi3.FusedSlices([], ())).slice_names:
-                names[alias] = None
-    return list(names)
-
-
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            return getter()
-        except (NotImplementedError, AttributeError):
-            pass
-    for name, module in model.named_modules():
-        if name == "lm_head" or name.endswith(".lm_head"):
-            return module
-    return None
-
-
-# -- matching -------------------------------------------------------------------------------------
-def _hits(name: str, spec: list[str] | str | None) -> list[str]:
-    """The entries of ``spec`` that match the qualified module ``name`` (suffix list, or one regex)."""
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        return [spec] if re.fullmatch(spec, name) else []
-    return [t for t in spec if name == t or name.endswith("." + t)]
-
-
-def _plan(model: nn.Module, config: LoraConfig, targets: list[str] | str) -> dict[str, SliceSpec | None]:
-    """Qualified names of the modules to adapt -> their slice spec (None for a whole module)."""
-    slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
-    all_linear = targets == "all-linear"
-    head = _output_embedding(model) if all_linear else None
-    used: set[str] = set()
-    excluded_by: set[str] = set()
-    plan: dict[str, SliceSpec | None] = {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        fused = slice_map.get(name)
-        # A fused module answers to its own name (all slices) and to each slice's name.
-        prefix = name[: len(name) - len(name.rpartition(".")[2])]
-        aliases = [prefix + s for s in fused.slice_names] if fused else []
-        if all_linear:
-            whole = _is_linear_like(module) and module is not head \
-                and _unsupported_reason(model, name, module) is None
-            hit = [whole] + [False] * len(aliases)
-            used.update(["all-linear"] if whole else [])
-        else:
-            hit = []
-            for candidate in [name] + aliases:
-                matched = _hits(candidate, targets)
-                used.update(matched)
-                hit.append(bool(matched))
-        excl = []
-        for candidate in [name] + aliases:
-            matched = _hits(candidate, config.exclude_modules)
-            excluded_by.update(matched)
-            excl.append(bool(matched))
-        if fused:
-            enable = [(hit[0] or hit[1 + i]) and not (excl[0] or excl[1 + i])
-                      for i in range(len(aliases))]
-            if any(enable):
-                plan[name] = SliceSpec(list(fused.split_sizes), enable)
-        elif hit[0] and not excl[0]:
-            plan[name] = None
-
-    wanted = ["all-linear"] if all_linear else [targets] if isinstance(targets, str) else targets
-    missing = [t for t in wanted if t not in used]
-    if missing:
-        if all_linear:
-            what = "target_modules='all-linear' found no nn.Linear or Conv1D (LM head aside)"
-        elif isinstance(targets, str):
-            what = f"target_modules regex {targets!r} fullmatched no module path"
-        else:
-            what = f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} matched no module"
-        raise ValueError(f"LoraConfig.{what} in {type(model).__name__}. Modules that can be adapted "
-                         f"here: {', '.join(_adaptable_names(model, slice_map)) or 'none'}")
-    exclude = config.exclude_modules
-    for entry in [exclude] if isinstance(exclude, str) else exclude or []:
-        if entry not in excluded_by:  # harmless, but likely a typo worth seeing
-            logger.warning("LoraConfig.exclude_modules entry %r matched no module", entry)
-    if config.layers_to_transform is not None:
-        keep = set(config.layers_to_transform)
-        plan = {n: s for n, s in plan.items()
-                if (m := _LAYER_INDEX.search(n)) is not None and int(m.group(1)) in keep}
-    for name in plan:
-        reason = _unsupported_reason(model, name, model.get_submodule(name))
-        if reason is not None:
-            raise ValueError(f"LoraConfig.target_modules matched {name!r} "
-                             f"({type(model.get_submodule(name)).__name__}), which cannot take an "
-                             f"adapter: {reason}")
-    if not plan:
-        raise ValueError(f"LoraConfig: target_modules={targets!r} matched modules, but "
-                         f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
-                         f"{config.layers_to_transform!r} left none to adapt")
-    return plan
-
-
-def _modules_to_save(model: nn.Module, config: LoraConfig, plan: dict) -> list[str]:
-    names: list[str] = []
-    for entry in config.modules_to_save or []:
-        found = [n for n, _ in model.named_modules() if n and _hits(n, [entry])]
-        if not found:
-            raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} matched no module of "
-                             f"{type(model).__name__}")
-        for n in found:
-            clash = [t for t in plan if t == n or t.startswith(n + ".")]
-            if clash:
-                raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} ({n}) contains LoRA "
-                                 f"targets {clash}; a module is either trained fully or adapted")
-        names += found
-    return names
-
-
-# -- building and replacing modules ---------------------------------------------------------------
 def _make_lora_module(module: nn.Module, name: str, config: LoraConfig,
                       slice_spec: SliceSpec | None) -> nn.Module:
     """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
@@ -258,7 +92,7 @@ def _make_lora_module(module: nn.Module, name: str, config: LoraConfig,
         conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
         new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
     else:
-        fan_in_fan_out = _is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
+        fan_in_fan_out = is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
         if config.fan_in_fan_out and not fan_in_fan_out:
             logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
         if slice_spec is not None:
@@ -356,16 +190,16 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             raise ValueError(f"LoraConfig.target_modules is None, which only has a default for "
                              f"Phi-3; {type(model).__name__} needs explicit target_modules (a list "
                              f"of names, a regex or 'all-linear'). Modules that can be adapted: "
-                             f"{', '.join(_adaptable_names(model, {}))}")
+                             f"{', '.join(adaptable_names(model, {}))}")
         targets = list(phi3.DEFAULT_TARGETS)
     if config.quantize_base is not None:
         _quantized_factory(config)  # fail before any module is replaced
-    plan = _plan(model, config, targets)
+    plan = plan_targets(model, config, targets)
     check = _QUANTIZED_CHECKS.get(config.quantize_base) if config.quantize_base else None
     if check is not None:
         for name in plan:  # every refusal happens here, before the first replacement
             check(model.get_submodule(name), name)
-    to_save = _modules_to_save(model, config, plan)
+    to_save = saved_module_names(model, config, plan)
     paths = _paths(model)
     for name, spec in plan.items():
         module = model.get_submodule(name)

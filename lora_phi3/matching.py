@@ -1,0 +1,198 @@
+"""Which modules of a model get an adapter: the matching rules of :class:`LoraConfig`.
+
+A list of names matches dotted-path suffixes (``"qkv_proj"`` matches
+``model.layers.0.self_attn.qkv_proj``); one string is a regex ``re.fullmatch``-ed against the full
+path; ``"all-linear"`` takes every linear-like module except the LM head. ``exclude_modules`` and
+``layers_to_transform`` narrow the choice. On Phi-3 the fused projections also answer to their
+slice names (``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.phi3`). A target that matches
+nothing is an error that lists what the model has.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import phi3
+from .config import LoraConfig
+
+try:  # GPT-2-style layer with weight (in, out); optional so matching works without transformers
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # pragma: no cover
+    _HFConv1D = None
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SliceSpec", "SUPPORTED_TYPES", "plan_targets", "saved_module_names", "adaptable_names",
+           "is_supported", "is_linear_like", "is_hf_conv1d"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' "
+                   "GPT-2 Conv1D")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+class SliceSpec(NamedTuple):
+    """Which output slices of a fused projection get an adapter (``MergedLinear`` arguments)."""
+
+    split_sizes: list[int]
+    enable_lora: list[bool]
+
+
+# -- what can be adapted --------------------------------------------------------------------------
+def is_hf_conv1d(module: nn.Module) -> bool:
+    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return is_linear_like(module) or isinstance(module, (nn.Embedding, *_CONV_TYPES))
+
+
+def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot take an adapter, or None if it can."""
+    if not is_supported(module):
+        return f"its type {type(module).__name__} is not supported; supported: {SUPPORTED_TYPES}"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        kind = type(weight).__name__ if not isinstance(weight, torch.Tensor) else weight.dtype
+        return f"its weight is {kind}, not a floating-point tensor (already quantized?)"
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        # MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward.
+        return "nn.MultiheadAttention uses its out_proj weight without calling the module"
+    return None
+
+
+def adaptable_names(model: nn.Module, slice_map: dict[str, phi3.FusedSlices]) -> list[str]:
+    """Deduplicated last path components of the modules that can take an adapter, for errors."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and is_supported(module):
+            names[name.rpartition(".")[2]] = None
+            for alias in slice_map.get(name, phi3.FusedSlices([], ())).slice_names:
+                names[alias] = None
+    return list(names)
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except (NotImplementedError, AttributeError):
+            pass
+    for name, module in model.named_modules():
+        if name == "lm_head" or name.endswith(".lm_head"):
+            return module
+    return None
+
+
+# -- matching -------------------------------------------------------------------------------------
+def _hits(name: str, spec: list[str] | str | None) -> list[str]:
+    """The entries of ``spec`` that match the qualified module ``name`` (suffix list, or one regex)."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [spec] if re.fullmatch(spec, name) else []
+    return [t for t in spec if name == t or name.endswith("." + t)]
+
+
+def plan_targets(model: nn.Module, config: LoraConfig,
+                 targets: list[str] | str) -> dict[str, SliceSpec | None]:
+    """Qualified names of the modules to adapt -> their slice spec (None for a whole module)."""
+    slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
+    all_linear = targets == "all-linear"
+    head = _output_embedding(model) if all_linear else None
+    used: set[str] = set()
+    excluded_by: set[str] = set()
+    plan: dict[str, SliceSpec | None] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        fused = slice_map.get(name)
+        # A fused module answers to its own name (all slices) and to each slice's name.
+        prefix = name[: len(name) - len(name.rpartition(".")[2])]
+        aliases = [prefix + s for s in fused.slice_names] if fused else []
+        if all_linear:
+            whole = is_linear_like(module) and module is not head \
+                and _unsupported_reason(model, name, module) is None
+            hit = [whole] + [False] * len(aliases)
+            used.update(["all-linear"] if whole else [])
+        else:
+            hit = []
+            for candidate in [name] + aliases:
+                matched = _hits(candidate, targets)
+                used.update(matched)
+                hit.append(bool(matched))
+        excl = []
+        for candidate in [name] + aliases:
+            matched = _hits(candidate, config.exclude_modules)
+            excluded_by.update(matched)
+            excl.append(bool(matched))
+        if fused:
+            enable = [(hit[0] or hit[1 + i]) and not (excl[0] or excl[1 + i])
+                      for i in range(len(aliases))]
+            if any(enable):
+                plan[name] = SliceSpec(list(fused.split_sizes), enable)
+        elif hit[0] and not excl[0]:
+            plan[name] = None
+
+    wanted = ["all-linear"] if all_linear else [targets] if isinstance(targets, str) else targets
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        if all_linear:
+            what = "target_modules='all-linear' found no nn.Linear or Conv1D (LM head aside)"
+        elif isinstance(targets, str):
+            what = f"target_modules regex {targets!r} fullmatched no module path"
+        else:
+            what = f"target_modules entr{'y' if len(missing) == 1 else 'ies'} {missing} matched no module"
+        raise ValueError(f"LoraConfig.{what} in {type(model).__name__}. Modules that can be adapted "
+                         f"here: {', '.join(adaptable_names(model, slice_map)) or 'none'}")
+    exclude = config.exclude_modules
+    for entry in [exclude] if isinstance(exclude, str) else exclude or []:
+        if entry not in excluded_by:  # harmless, but likely a typo worth seeing
+            logger.warning("LoraConfig.exclude_modules entry %r matched no module", entry)
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        plan = {n: s for n, s in plan.items()
+                if (m := _LAYER_INDEX.search(n)) is not None and int(m.group(1)) in keep}
+    for name in plan:
+        reason = _unsupported_reason(model, name, model.get_submodule(name))
+        if reason is not None:
+            raise ValueError(f"LoraConfig.target_modules matched {name!r} "
+                             f"({type(model.get_submodule(name)).__name__}), which cannot take an "
+                             f"adapter: {reason}")
+    if not plan:
+        raise ValueError(f"LoraConfig: target_modules={targets!r} matched modules, but "
+                         f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
+                         f"{config.layers_to_transform!r} left none to adapt")
+    return plan
+
+
+def saved_module_names(model: nn.Module, config: LoraConfig, plan: dict) -> list[str]:
+    names: list[str] = []
+    for entry in config.modules_to_save or []:
+        found = [n for n, _ in model.named_modules() if n and _hits(n, [entry])]
+        if not found:
+            raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} matched no module of "
+                             f"{type(model).__name__}")
+        for n in found:
+            clash = [t for t in plan if t == n or t.startswith(n + ".")]
+            if clash:
+                raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} ({n}) contains LoRA "
+                                 f"targets {clash}; a module is either trained fully or adapted")
+        names += found
+    return names
+
+
+# -- building and replacing modules ---------------------------------------------------------------
