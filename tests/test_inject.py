@@ -301,7 +301,7 @@ def test_regex_all_linear_exclude_and_layers():
 
 
 def test_unused_exclude_is_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_phi3.inject"):
+    with caplog.at_level(logging.WARNING, logger="lora_phi3.matching"):
         inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc9"]))
     assert "exclude_modules entry 'fc9' matched no module" in caplog.text
 
