@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_phi3 as lora  # noqa: E402
 from lora_phi3.functional import enable_input_recompute  # noqa: E402
 from lora_phi3.losses import lm_loss_sum  # noqa: E402
-from common import have, interleaved, machine, markdown_table, paired_ratio, peft_wrap  # noqa: E402
+from common import (have, interleaved, machine, markdown_table, paired_ratio, peft_wrap,  # noqa: E402
+                    train_step_fn)
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -46,17 +47,6 @@ def projections(hidden: int, inter: int) -> list[tuple]:
             ("gate_up", hidden, 2 * inter, [True, True], [inter, inter]),
             ("down", inter, hidden, None, None),
             ("o", hidden, hidden, None, None)]
-
-
-def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:
-        x.grad = None
-        for p in params:
-            p.grad = None
-        model(x).backward(g)
-    return step
 
 
 def layer_table(device, hidden, inter, tokens_list, ranks, dropout, repeats, warmup) -> list[list]:
@@ -82,7 +72,7 @@ def layer_table(device, hidden, inter, tokens_list, ranks, dropout, repeats, war
                     models["peft"] = peft
                 for m in models.values():
                     m.train()
-                times = interleaved({k: _step(m, x, g) for k, m in models.items()}, repeats, warmup)
+                times = interleaved({k: train_step_fn(m, x, g) for k, m in models.items()}, repeats, warmup)
                 ms = 1e3 * sorted(times["frozen"])[len(times["frozen"]) // 2]
                 ratio = lambda a, b: paired_ratio(times, a, b) if a in times and b in times else None  # noqa: E731
                 rows.append([name, T, r, f"{ms:.3f}", ratio("ours", "frozen"),

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_phi3 as lora  # noqa: E402
 from lora_phi3.functional import lora_linear  # noqa: E402
 from common import (have, interleaved, load, machine, markdown_table, paired_ratio,  # noqa: E402
-                    peft_wrap)
+                    peft_wrap, train_step_fn)
 
 # name, in, out, enable_lora (None: Linear), split sizes
 CONFIGS = [
@@ -95,17 +95,6 @@ def build(in_f: int, out_f: int, enable, splits, r: int, alpha: float, dropout: 
     for m in models.values():
         m.train()
     return models
-
-
-def train_step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:
-        x.grad = None
-        for p in params:
-            p.grad = None
-        model(x).backward(grad)
-    return step
 
 
 def infer_fn(model: nn.Module, x: torch.Tensor):

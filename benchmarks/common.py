@@ -88,6 +88,18 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
     return times
 
 
+def train_step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``model`` on ``x`` (forward, backward with ``grad``), grads reset."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        model(x).backward(grad)
+    return step
+
+
 def paired_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     """Median over rounds of ``times[name][i] / times[base][i]``."""
     return statistics.median(a / b for a, b in zip(times[name], times[base]))

@@ -72,6 +72,17 @@ class LoRALayer:
         """The dense update ``scaling * B @ A`` in ``weight``'s layout, in fp32 (fp64 for fp64 adapters)."""
         raise NotImplementedError
 
+    def reset_parameters(self) -> None:
+        # The torch module's own init (next in the MRO), then the adapter's, as in loralib.
+        super().reset_parameters()  # type: ignore[misc]
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Section 4.1 of the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
     @property
     def lora_active(self) -> bool:
         """True when the forward must add the adapter's output (rank > 0, not merged, not disabled)."""
@@ -196,16 +207,6 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         self.weight = weight
         self.bias = getattr(linear, "bias", None)
         return self
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        # Same init as loralib/the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at start.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     def _base_weight(self) -> torch.Tensor:
         return self.weight.T if self.fan_in_fan_out else self.weight
@@ -405,12 +406,8 @@ class Embedding(LoRALayer, nn.Embedding):
         self._setup(r, lora_alpha, merge_weights, lora_dtype)
         return self
 
-    def reset_parameters(self) -> None:
-        nn.Embedding.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
     def reset_lora_parameters(self) -> None:
+        # loralib's choice for embeddings: A = 0 and B normal (the delta still starts at zero).
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
 
@@ -476,15 +473,6 @@ class _ConvLoRA(LoRALayer):
         self.weight, self.bias = conv.weight, conv.bias
         self._setup(r, lora_alpha, lora_dropout, merge_weights, lora_dtype)
         return self
-
-    def reset_parameters(self) -> None:
-        self._conv_cls.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self._acc(self.lora_B) @ self._acc(self.lora_A)).view(self.weight.shape) * self.scaling
