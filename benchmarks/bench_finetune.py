@@ -1,12 +1,12 @@
 """End to end: lora_phi3's ``finetune()`` against transformers + PEFT + TRL ``SFTTrainer``.
 
 Every trainer fine-tunes LoRA adapters on the embedded tiny Phi-3 (``load_model(None)``) with the
-bundled chat data (``load_conversations(None)``), tokenised once by ``lora_phi3.data`` so both get
+bundled chat data (``load_conversations(None)``), tokenised once by ``lora_phi3.finetune.data`` so both get
 the very same ``input_ids`` and assistant-only labels. Same LoRA (r, alpha, dropout on
 qkv_proj/o_proj/gate_up_proj/down_proj), sequence length, batch size, step count, learning rate,
 cosine schedule with warm-up, max grad norm, fp32, no gradient checkpointing. Runs (``--runs``):
 
-- ``ours``: ``lora_phi3.finetune.finetune(recipe)``, packing on (block-diagonal attention mask);
+- ``ours``: ``lora_phi3.finetune.job.finetune(recipe)``, packing on (block-diagonal attention mask);
 - ``trl``: ``SFTTrainer(packing=True)`` on a ``peft.get_peft_model`` model: TRL's default "bfd"
   packing, which is padding-free (a batch is one flattened sequence with restarting
   ``position_ids``); leak-freedom is checked, not assumed (see ``leak_check``);
@@ -61,7 +61,7 @@ WARMUP = 3             # steps left out of the timings
 ROUNDS = 3
 BATCH_SIZE = 8
 SEQ_LEN = 256
-LEARNING_RATE = 5e-3   # the embedded demo's (lora_phi3.recipe.DEMO_TRAINING)
+LEARNING_RATE = 5e-3   # the embedded demo's (lora_phi3.finetune.recipe.DEMO_TRAINING)
 WARMUP_RATIO = 0.05
 MAX_GRAD_NORM = 1.0
 R, ALPHA, DROPOUT = 16, 32.0, 0.05
@@ -142,18 +142,18 @@ class Probe:
 
 # -- the trainers (run in the child) --------------------------------------------------------------
 def _tokenized(tokenizer, cfg: dict) -> list[dict]:
-    from lora_phi3.data import load_conversations, tokenize_dataset
+    from lora_phi3.finetune.data import load_conversations, tokenize_dataset
     train, _, _ = load_conversations(None)
     return tokenize_dataset(tokenizer, train, cfg["seq_len"])
 
 
 def _run_ours(cfg: dict, packing: bool, probe: Probe, out_dir: str) -> dict:
-    from lora_phi3.recipe import load_recipe
+    from lora_phi3.finetune.recipe import load_recipe
     # the module, not the function lora_phi3/__init__ re-exports under the same name
-    ft = importlib.import_module("lora_phi3.finetune")
+    ft = importlib.import_module("lora_phi3.finetune.job")
 
     if not hasattr(ft, "train_step"):
-        raise RuntimeError("lora_phi3.finetune no longer calls train_step by that name; "
+        raise RuntimeError("lora_phi3.finetune.job no longer calls train_step by that name; "
                            "update _run_ours's timing hook")
     inner = ft.train_step
 
@@ -183,7 +183,7 @@ def _run_ours(cfg: dict, packing: bool, probe: Probe, out_dir: str) -> dict:
 
 def _lora_model(tokenizer, cfg: dict):
     from peft import LoraConfig, get_peft_model
-    from lora_phi3.models import load_model
+    from lora_phi3.finetune.models import load_model
     model = load_model(None, tokenizer=tokenizer)
     return get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"],
                                             lora_dropout=cfg["dropout"], target_modules=TARGETS,
@@ -209,7 +209,7 @@ def _pad_collate(pad_id: int):
 def _run_trainer(kind: str, cfg: dict, packing: bool, probe: Probe, out_dir: str) -> dict:
     """TRL ``SFTTrainer`` (kind "trl") or transformers ``Trainer`` (kind "hf") with PEFT."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
-    from lora_phi3.tokenizer import load_tokenizer
+    from lora_phi3.finetune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     examples = _tokenized(tokenizer, cfg)
@@ -258,9 +258,9 @@ def child(name: str, cfg: dict, result_path: str) -> None:
     kind, packing = RUNS[name]
     for mod in NEEDS[kind]:  # import costs belong to the baseline
         importlib.import_module(mod)
-    importlib.import_module("lora_phi3.finetune")
-    from lora_phi3.models import load_model
-    from lora_phi3.tokenizer import load_tokenizer
+    importlib.import_module("lora_phi3.finetune.job")
+    from lora_phi3.finetune.models import load_model
+    from lora_phi3.finetune.tokenizer import load_tokenizer
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     # Warm-up build, then freed: lazy initialisation (tokenizer, templates, model classes) is
@@ -308,9 +308,9 @@ def leak_check(kind: str) -> float:
     as in training. Near 0 means leak-free.
     """
     import torch
-    from lora_phi3.packing import collate, pack_examples
-    from lora_phi3.models import load_model
-    from lora_phi3.tokenizer import load_tokenizer
+    from lora_phi3.finetune.packing import collate, pack_examples
+    from lora_phi3.finetune.models import load_model
+    from lora_phi3.finetune.tokenizer import load_tokenizer
     tok = load_tokenizer(None)
     model = load_model(None, tokenizer=tok)
     g = torch.Generator().manual_seed(0)

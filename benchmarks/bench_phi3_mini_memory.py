@@ -8,11 +8,11 @@ import json, os, time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 from lora_phi3.config import LoraConfig
-from lora_phi3.inject import inject_lora
-from lora_phi3.train import CausalLMLoss, train_step, make_optimizer, make_scheduler, enable_gradient_checkpointing
-from lora_phi3.recipe import TrainingConfig
-from lora_phi3.packing import collate, pack_examples
-from lora_phi3.distributed import DistState
+from lora_phi3.inject.injector import inject_lora
+from lora_phi3.finetune.train import CausalLMLoss, train_step, make_optimizer, make_scheduler, enable_gradient_checkpointing
+from lora_phi3.finetune.recipe import TrainingConfig
+from lora_phi3.finetune.packing import collate, pack_examples
+from lora_phi3.finetune.distributed import DistState
 
 small = os.environ.get("SCALE") == "small"
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 import lora_phi3 as lora
-from lora_phi3.adapters import load_adapter, save_adapter
+from lora_phi3.adapters.files import load_adapter, save_adapter
 from lora_phi3.config import LoraConfig
-from lora_phi3.inject import inject_lora, merge_and_unload
+from lora_phi3.inject.injector import inject_lora, merge_and_unload
 
 
 def make_model() -> nn.Module:

@@ -16,11 +16,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from lora_phi3.adapters import load_adapter
-from lora_phi3.finetune import finetune, generate_answer
-from lora_phi3.models import load_model
-from lora_phi3.recipe import load_recipe
-from lora_phi3.tokenizer import load_tokenizer
+from lora_phi3.adapters.files import load_adapter
+from lora_phi3.finetune.job import finetune, generate_answer
+from lora_phi3.finetune.models import load_model
+from lora_phi3.finetune.recipe import load_recipe
+from lora_phi3.finetune.tokenizer import load_tokenizer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "phi3-mini.yaml"
 

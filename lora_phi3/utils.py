@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import LoRALayer
+from .layers.lora_layers import LoRALayer
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "BIAS_MODES"]
 

@@ -1,4 +1,4 @@
-"""Regenerate the shipped assets in ``lora_phi3/assets/`` (deterministic).
+"""Regenerate the shipped assets in ``lora_phi3/finetune/assets/`` (deterministic).
 
 Writes:
   * ``chat_train.jsonl`` / ``chat_eval.jsonl``: the bundled toy chat instruction set
@@ -12,7 +12,7 @@ trained with LoRA only shows learning within a few hundred steps. Letters are
 separated by spaces and digits are split individually by the tokenizer, so that
 reversing/sorting/adding work token by token.
 
-Usage: ``python scripts/make_assets.py [--out lora_phi3/assets]``. Running it twice
+Usage: ``python scripts/make_assets.py [--out lora_phi3/finetune/assets]``. Running it twice
 gives byte-identical files.
 """
 
@@ -252,7 +252,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_out = Path(__file__).resolve().parents[1] / "lora_phi3" / "assets"
+    default_out = Path(__file__).resolve().parents[1] / "lora_phi3" / "finetune" / "assets"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

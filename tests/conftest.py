@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_phi3.tokenizer import load_tokenizer
+from lora_phi3.finetune.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

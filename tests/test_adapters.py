@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from lora_phi3 import adapters
-from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
+from lora_phi3.adapters import files as adapters
+from lora_phi3.adapters.files import adapter_state_dict, load_adapter, save_adapter
 from lora_phi3.config import LoraConfig
 from tiny import TINY, adapted, dense_reference, logits, randomize, tiny_phi3
-from lora_phi3.inject import get_lora_config, inject_lora, lora_modules, merge_lora, unmerge_lora
+from lora_phi3.inject.injector import get_lora_config, inject_lora, lora_modules, merge_lora, unmerge_lora
 
 
 
@@ -151,7 +151,7 @@ def test_float_dtypes_are_cast_and_reported(tmp_path, caplog):
         m.lora_A.data, m.lora_B.data = m.lora_A.data.bfloat16(), m.lora_B.data.bfloat16()
     save_adapter(source, tmp_path / "a")
     target = adapted(seed=2)
-    with caplog.at_level(logging.WARNING, logger="lora_phi3.adapters"):
+    with caplog.at_level(logging.WARNING, logger="lora_phi3.adapters.files"):
         load_adapter(target, tmp_path / "a")
     assert "casting 16 tensor(s) to the model's dtype" in caplog.text
     for name, m in lora_modules(target).items():

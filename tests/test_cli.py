@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_phi3.adapters import load_adapter, read_adapter
-from lora_phi3.cli import main
-from lora_phi3.finetune import generate_answer
-from lora_phi3.models import load_model
-from lora_phi3.recipe import DEMO_TRAINING, load_recipe
-from lora_phi3.tokenizer import load_tokenizer
+from lora_phi3.adapters.files import load_adapter, read_adapter
+from lora_phi3.finetune.cli import main
+from lora_phi3.finetune.job import generate_answer
+from lora_phi3.finetune.models import load_model
+from lora_phi3.finetune.recipe import DEMO_TRAINING, load_recipe
+from lora_phi3.finetune.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "steps", "train_tokens", "tokens_per_second",
@@ -210,7 +210,7 @@ def test_bad_recipe_files_name_the_problem(tmp_path, capsys):
 
 
 def test_bad_rows_are_counted_or_fail_with_file_and_line(tmp_path, capsys):
-    lines = (REPO / "lora_phi3" / "assets" / "chat_train.jsonl").read_text().splitlines()[:40]
+    lines = (REPO / "lora_phi3" / "finetune" / "assets" / "chat_train.jsonl").read_text().splitlines()[:40]
     lines.insert(5, json.dumps({"messages": [{"role": "robot", "content": "beep"}]}))
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -226,7 +226,7 @@ def test_bad_rows_are_counted_or_fail_with_file_and_line(tmp_path, capsys):
 
 # -- entry points ----------------------------------------------------------------------------------
 def test_module_and_console_script_are_the_same_command():
-    runs = [[sys.executable, "-m", "lora_phi3.cli", "finetune", "--help"],
+    runs = [[sys.executable, "-m", "lora_phi3.finetune.cli", "finetune", "--help"],
             [sys.executable, "-m", "lora_phi3", "finetune", "--help"]]
     if shutil.which("lora-phi3"):
         runs.append(["lora-phi3", "finetune", "--help"])
@@ -234,4 +234,4 @@ def test_module_and_console_script_are_the_same_command():
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     assert all(o.stdout == outs[0].stdout for o in outs)
     assert "--gradient-accumulation-steps" in outs[0].stdout and "--resume" in outs[0].stdout
-    assert 'lora-phi3 = "lora_phi3.cli:main"' in (REPO / "pyproject.toml").read_text()
+    assert 'lora-phi3 = "lora_phi3.finetune.cli:main"' in (REPO / "pyproject.toml").read_text()

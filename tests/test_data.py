@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from lora_phi3.data import (DataReport, ExampleTooLong, load_conversations, tokenize_conversation,
+from lora_phi3.finetune.data import (DataReport, ExampleTooLong, load_conversations, tokenize_conversation,
                             tokenize_dataset)
-from lora_phi3.tokenizer import PHI3_CHAT_TEMPLATE, load_tokenizer
+from lora_phi3.finetune.tokenizer import PHI3_CHAT_TEMPLATE, load_tokenizer
 from tiny import CONV
 
 def _write(path, lines):
@@ -89,7 +89,7 @@ def _sentencepiece_style_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lora_phi3.data import load_conversations as _load
+    from lora_phi3.finetune.data import load_conversations as _load
 
     train, _, _ = _load(None)
     texts = [m["content"] for conv in train[:500] for m in conv]
@@ -183,7 +183,7 @@ def test_bad_rows_skip_mode_counts_and_locations(tmp_path, caplog):
         lines.append(line)
     lines += ["", GOOD]  # a blank line is not a row
     path = _write(tmp_path / "bad.jsonl", lines)
-    with caplog.at_level("WARNING", logger="lora_phi3.data"):
+    with caplog.at_level("WARNING", logger="lora_phi3.finetune.data"):
         train, evals, rep = load_conversations(str(path), eval_fraction=0.0)
     n_bad = len(BAD_ROWS)
     assert len(train) == 2 and evals == []

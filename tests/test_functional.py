@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lora_phi3 as lora
-from lora_phi3.functional import enable_input_recompute, lora_linear, pack_mask, unpack_mask
+from lora_phi3.layers.functional import enable_input_recompute, lora_linear, pack_mask, unpack_mask
 
 ATOL = 1e-5
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-import lora_phi3.inject as inject_mod
+import lora_phi3.inject.injector as inject_mod
 from lora_phi3 import layers as L
 from lora_phi3.config import LoraConfig
-from lora_phi3.inject import (disable_lora, get_lora_config, inject_lora, lora_modules,
+from lora_phi3.inject.injector import (disable_lora, get_lora_config, inject_lora, lora_modules,
                               merge_and_unload, merge_lora, register_quantized_factory, unmerge_lora)
 from tiny import randomize_lora
 
@@ -301,7 +301,7 @@ def test_regex_all_linear_exclude_and_layers():
 
 
 def test_unused_exclude_is_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_phi3.matching"):
+    with caplog.at_level(logging.WARNING, logger="lora_phi3.inject.matching"):
         inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc9"]))
     assert "exclude_modules entry 'fc9' matched no module" in caplog.text
 

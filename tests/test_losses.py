@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_phi3.losses import IGNORE_INDEX, lm_loss_sum
+from lora_phi3.finetune.losses import IGNORE_INDEX, lm_loss_sum
 
 
 def _setup(seed=0, B=2, T=13, H=8, V=11, bias=False, head_grad=False, dtype=torch.float32):
@@ -110,7 +110,7 @@ def test_mismatched_labels_are_rejected():
 def test_no_grad_evaluation_matches_and_forms_no_head_gradient(monkeypatch):
     # With a trainable head (modules_to_save=["lm_head"]) evaluation must not build the head's
     # (vocab, hidden) gradient: the fused function is not even entered under no_grad.
-    import lora_phi3.losses as losses
+    import lora_phi3.finetune.losses as losses
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50)  # weight requires grad
     hidden = torch.randn(2, 9, 16)

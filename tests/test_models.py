@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import Phi3ForCausalLM
 
-from lora_phi3.models import (TINY_PHI3, build_tiny_phi3, count_parameters, load_model,
+from lora_phi3.finetune.models import (TINY_PHI3, build_tiny_phi3, count_parameters, load_model,
                               resolve_dtype, tiny_phi3_config)
-from lora_phi3.tokenizer import load_tokenizer
+from lora_phi3.finetune.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_phi3 import nf4 as nf4_module
-from lora_phi3.nf4 import (NF4_CODEBOOK, NF4LinearFunction, NF4Tensor, nf4_dequantize, nf4_empty, nf4_matmul,
+from lora_phi3.quant import nf4 as nf4_module
+from lora_phi3.quant.nf4 import (NF4_CODEBOOK, NF4LinearFunction, NF4Tensor, nf4_dequantize, nf4_empty, nf4_matmul,
                            nf4_quantize)
 
 # QLoRA (Dettmers et al. 2023) Appendix E, written out by hand.

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_phi3.data import ExampleTooLong, load_conversations, tokenize_dataset
-from lora_phi3.packing import batches, collate, pack_examples
+from lora_phi3.finetune.data import ExampleTooLong, load_conversations, tokenize_dataset
+from lora_phi3.finetune.packing import batches, collate, pack_examples
 
 # --------------------------------------------------------------------------- packing & collate
 

@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Phi3ForCausalLM
 
 from lora_phi3.config import LoraConfig
 from tiny import X, adapted, dense_reference, logits, randomize, tiny_phi3
-from lora_phi3.inject import get_lora_config, inject_lora, lora_modules, merge_lora
-from lora_phi3.peft_interop import export_peft, import_peft, peft_state_dict
+from lora_phi3.inject.injector import get_lora_config, inject_lora, lora_modules, merge_lora
+from lora_phi3.adapters.peft_format import export_peft, import_peft, peft_state_dict
 
 peft = pytest.importorskip("peft")
 

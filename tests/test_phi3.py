@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 from lora_phi3 import layers as L
 from lora_phi3 import phi3
 from lora_phi3.config import LoraConfig
-from lora_phi3.inject import (disable_lora, get_lora_config, inject_lora, lora_modules,
+from lora_phi3.inject.injector import (disable_lora, get_lora_config, inject_lora, lora_modules,
                               merge_and_unload, merge_lora, unmerge_lora)
 from tiny import randomize_lora as _randomize_lora
 

@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
-import lora_phi3.qlora as qlora
+import lora_phi3.quant.qlora as qlora
 from lora_phi3 import LoraConfig, inject_lora, merge_and_unload, merge_lora, unmerge_lora
-from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
-from lora_phi3.inject import disable_lora
-from lora_phi3.layers import Linear, LoRALayer
-from lora_phi3.nf4 import nf4_quantize
-from lora_phi3.qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
+from lora_phi3.adapters.files import adapter_state_dict, load_adapter, save_adapter
+from lora_phi3.inject.injector import disable_lora
+from lora_phi3.layers.lora_layers import Linear, LoRALayer
+from lora_phi3.quant.nf4 import nf4_quantize
+from lora_phi3.quant.qlora import Linear4bit, MergedLinear4bit, dequantize_and_merge, load_quantized_model
 
 # hidden 128 and intermediate 256 are multiples of the NF4 block size 64.
 TINY = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

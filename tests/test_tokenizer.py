@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from tiny import CONV
-from lora_phi3.tokenizer import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, load_tokenizer
+from lora_phi3.finetune.tokenizer import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "lora_phi3" / "assets"
+ASSETS = REPO / "lora_phi3" / "finetune" / "assets"
 
 def test_embedded_tokenizer_is_fast_with_phi3_special_tokens(tok):
     from transformers import PreTrainedTokenizerFast

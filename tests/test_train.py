@@ -17,17 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_phi3.adapters import read_adapter
-from lora_phi3.checkpoint import (capture_rng_state, find_latest_checkpoint, list_checkpoints,
+from lora_phi3.adapters.files import read_adapter
+from lora_phi3.finetune.checkpoint import (capture_rng_state, find_latest_checkpoint, list_checkpoints,
                                   load_training_state, restore_rng_state, save_checkpoint)
-from lora_phi3.cli import main
+from lora_phi3.finetune.cli import main
 from lora_phi3.config import LoraConfig
-from lora_phi3.packing import collate
-from lora_phi3.distributed import DistState
-from lora_phi3.inject import inject_lora
-from lora_phi3.models import build_tiny_phi3
-from lora_phi3.recipe import TrainingConfig
-from lora_phi3.train import (CausalLMLoss, enable_gradient_checkpointing, global_batch_indices, local_micro_batches, lr_factor,
+from lora_phi3.finetune.packing import collate
+from lora_phi3.finetune.distributed import DistState
+from lora_phi3.inject.injector import inject_lora
+from lora_phi3.finetune.models import build_tiny_phi3
+from lora_phi3.finetune.recipe import TrainingConfig
+from lora_phi3.finetune.train import (CausalLMLoss, enable_gradient_checkpointing, global_batch_indices, local_micro_batches, lr_factor,
                              make_scheduler, plan_steps, train_step)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = ["--max-steps", "2", "--max-seq-length", "128", "--eval-steps", "0", "--save-steps", "1",
        "--lora-dropout", "0", "--learning-rate", "1e-4", "--logging-steps", "1", "--no-progress",
        "--log-level", "WARNING", "--device", "cpu"]
-ASSETS = REPO / "lora_phi3" / "assets"
+ASSETS = REPO / "lora_phi3" / "finetune" / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,7 @@ def test_cli_accumulation_equals_batch(reference_run, small_data, tmp_path):
 def test_two_gloo_processes_match_one_process_with_twice_the_batch(reference_run, small_data,
                                                                    tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lora_phi3.cli", "finetune", "--output-dir", str(tmp_path), "--data", small_data,
+           "-m", "lora_phi3.finetune.cli", "finetune", "--output-dir", str(tmp_path), "--data", small_data,
            "--batch-size", "2", *RUN]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -358,8 +358,8 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(small_data, tmp_pa
     # the kill lands at the same place however loaded the machine is: no race with a poll loop.
     kill_at_step_19 = (
         "import os, signal, sys\n"
-        "import lora_phi3.finetune\n"
-        "ft = sys.modules['lora_phi3.finetune']  # the package re-exports the function by name\n"
+        "import lora_phi3.finetune.job\n"
+        "ft = sys.modules['lora_phi3.finetune.job']  # the package re-exports the function by name\n"
         "real_step, calls = ft.train_step, [0]\n"
         "def step_or_die(*a, **k):\n"
         "    calls[0] += 1\n"
@@ -367,7 +367,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(small_data, tmp_pa
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real_step(*a, **k)\n"
         "ft.train_step = step_or_die\n"
-        "from lora_phi3.cli import main\n"
+        "from lora_phi3.finetune.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", kill_at_step_19, "finetune", "--output-dir",
                            str(killed), *args], env=_env(), stdout=subprocess.DEVNULL,

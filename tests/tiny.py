@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from lora_phi3.inject import inject_lora, lora_modules
+from lora_phi3.inject.injector import inject_lora, lora_modules
 from lora_phi3.config import LoraConfig
-from lora_phi3.layers import Embedding, MergedLinear
+from lora_phi3.layers.lora_layers import Embedding, MergedLinear
 
 # Grouped-query attention: 8 query heads share 2 key/value heads, so q, k and v differ in size.
 TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,

@@ -309,7 +309,7 @@ def load_conversations(
     report = DataReport(source="<bundled>" if source is None else str(source))
     eval_file: Path | None = None
     if source is None:
-        assets = resources.files("lora_phi3").joinpath("assets")
+        assets = resources.files("lora_phi3.finetune").joinpath("assets")
         train_file = Path(str(assets.joinpath(BUNDLED_TRAIN)))
         eval_file = Path(str(assets.joinpath(BUNDLED_EVAL)))
     else:

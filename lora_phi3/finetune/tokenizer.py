@@ -1,6 +1,6 @@
 """Tokenizers: the embedded tiny offline tokenizer, or a real one via ``AutoTokenizer``.
 
-The embedded tokenizer is a ~1k-token byte-level BPE shipped in ``lora_phi3/assets/
+The embedded tokenizer is a ~1k-token byte-level BPE shipped in ``lora_phi3/finetune/assets/
 tokenizer.json`` (built by ``scripts/make_assets.py``). It carries Phi-3's chat special
 tokens as single tokens and Phi-3's chat template, so everything that works with it
 (rendering, label masking, packing) also applies to ``microsoft/Phi-3-mini-4k-instruct``.
@@ -36,7 +36,7 @@ _ASSET_FILE = "tokenizer.json"
 
 
 def _embedded_tokenizer() -> PreTrainedTokenizerFast:
-    path = resources.files("lora_phi3").joinpath("assets", _ASSET_FILE)
+    path = resources.files("lora_phi3.finetune").joinpath("assets", _ASSET_FILE)
     with resources.as_file(path) as file:
         if not file.is_file():
             raise FileNotFoundError(

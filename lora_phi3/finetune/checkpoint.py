@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import fsync_dir, make_temp_dir
+from ..atomic import fsync_dir, make_temp_dir
 
 logger = logging.getLogger(__name__)
 

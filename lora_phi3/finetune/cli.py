@@ -157,7 +157,7 @@ def _base_model_of(adapter: str, model: str | None) -> str | None:
     """``--model`` if given, else the base recorded in the adapter (None = embedded tiny model)."""
     if model is not None:
         return model
-    from .adapters import read_adapter
+    from ..adapters.files import read_adapter
 
     doc, _ = read_adapter(adapter)
     name = (doc.get("base_model") or {}).get("name_or_path")
@@ -176,7 +176,7 @@ def _load_base(name: str | None):
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import DEMO_NOTICE, finetune
+    from .job import DEMO_NOTICE, finetune
     from .recipe import load_recipe
 
     recipe = load_recipe(args.config, overrides=_overrides(args))
@@ -220,9 +220,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .adapters import load_adapter
-    from .atomic import make_temp_dir
-    from .inject import merge_and_unload
+    from ..adapters.files import load_adapter
+    from ..atomic import make_temp_dir
+    from ..inject.injector import merge_and_unload
 
     base = _base_model_of(args.adapter, args.model)
     model, tokenizer = _load_base(base)
@@ -251,8 +251,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_peft(args: argparse.Namespace) -> int:
-    from .adapters import load_adapter
-    from .peft_interop import export_peft
+    from ..adapters.files import load_adapter
+    from ..adapters.peft_format import export_peft
 
     base = _base_model_of(args.adapter, args.model)
     model, _ = _load_base(base)
@@ -263,14 +263,14 @@ def _cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .finetune import generate_answer
+    from .job import generate_answer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     base = _base_model_of(args.adapter, args.model) if args.adapter else args.model
     model, tokenizer = _load_base(base)
     if args.adapter:
-        from .adapters import load_adapter
+        from ..adapters.files import load_adapter
         load_adapter(model, args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]

@@ -30,10 +30,10 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic import fsync_dir, make_temp_dir, write_synced
-from .config import LoraConfig
-from .inject import get_lora_config, inject_lora
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..atomic import fsync_dir, make_temp_dir, write_synced
+from ..config import LoraConfig
+from ..inject.injector import get_lora_config, inject_lora
+from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 
 logger = logging.getLogger(__name__)
 

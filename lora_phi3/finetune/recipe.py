@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LoraConfig
-from .phi3 import DEFAULT_TARGETS
+from ..config import LoraConfig
+from ..inject.phi3 import DEFAULT_TARGETS
 
 __all__ = ["TrainingConfig", "Recipe", "load_recipe", "PHI3_MINI_TRAINING", "PHI3_MINI_LORA",
            "DEMO_TRAINING", "DEMO_LORA", "LR_SCHEDULERS", "ON_BAD_ROW"]

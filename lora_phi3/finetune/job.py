@@ -19,17 +19,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .adapters import load_adapter, save_adapter
+from ..adapters.files import load_adapter, save_adapter
 from .checkpoint import (capture_rng_state, clean_partial_checkpoints, find_latest_checkpoint,
                          load_training_state, restore_rng_state, save_checkpoint)
 from .data import load_conversations, tokenize_dataset
 from .packing import collate, pack_examples
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, wrap_model)
-from .functional import enable_input_recompute
-from .inject import inject_lora
+from ..layers.functional import enable_input_recompute
+from ..inject.injector import inject_lora
 from .models import REAL_PHI3_MINI, count_parameters, load_model
-from .qlora import load_quantized_model
+from ..quant.qlora import load_quantized_model
 from .recipe import Recipe
 from .reporting import MetricsLog, peak_memory_bytes, perplexity, plot_loss_curve, write_json_atomic
 from .tokenizer import load_tokenizer

@@ -24,12 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
-from .adapters import (adapter_state_dict, atomic_write_dir, dtype_name, injected_preview,
+from .files import (adapter_state_dict, atomic_write_dir, dtype_name, injected_preview,
                        is_bare, lora_layers, parse_safetensors, read_json, to_saveable)
-from .inject import get_lora_config, inject_lora
-from .config import LoraConfig
-from . import phi3
-from .layers import Embedding, Linear, LoRALayer, MergedLinear
+from ..inject.injector import get_lora_config, inject_lora
+from ..config import LoraConfig
+from ..inject import phi3
+from ..inject.matching import is_hf_conv1d
+from ..layers.lora_layers import Embedding, Linear, LoRALayer, MergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 def _targetable(module: nn.Module) -> bool:
     # What PEFT's LoRA wraps: linear-like, embedding and conv modules.
     return isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)) \
-        or type(module).__name__ == "Conv1D"
+        or is_hf_conv1d(module)
 
 
 def _under(name: str, patterns: list[str] | None) -> bool:
@@ -268,7 +269,7 @@ def _base_dims(module: nn.Module) -> tuple[int, int] | None:
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
+    if is_hf_conv1d(module):
         return tuple(module.weight.shape)  # (in, out): fan_in_fan_out
     return None
 

@@ -19,15 +19,10 @@ import torch
 import torch.nn as nn
 
 from . import phi3
-from .config import LoraConfig
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..config import LoraConfig
+from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .matching import SliceSpec, adaptable_names, is_hf_conv1d, plan_targets, saved_module_names
-from .utils import mark_only_lora_as_trainable
-
-try:  # GPT-2-style layer with weight (in, out); optional so the injector works without transformers
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # pragma: no cover
-    _HFConv1D = None
+from ..utils import mark_only_lora_as_trainable
 
 logger = logging.getLogger(__name__)
 

@@ -35,15 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import inject
-from .config import LoraConfig
-from .layers import Linear, LoRALayer, MergedLinear
+from ..inject import injector as inject
+from ..inject.matching import is_hf_conv1d
+from ..config import LoraConfig
+from ..layers.lora_layers import Linear, LoRALayer, MergedLinear
 from .nf4 import _FLOAT_DTYPES, NF4Tensor, nf4_empty, nf4_matmul, nf4_quantize
-
-try:  # GPT-2-style layer with weight (in, out)
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # pragma: no cover
-    _HFConv1D = None
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +312,7 @@ def nf4_lora_check(module: nn.Module, name: str) -> None:
         ValueError: ``module`` is not linear-like, or its row length (in_features) is not a
             multiple of the block size, naming the module.
     """
-    fan_in_fan_out = _HFConv1D is not None and isinstance(module, _HFConv1D)
+    fan_in_fan_out = is_hf_conv1d(module)
     if not (isinstance(module, nn.Linear) or fan_in_fan_out):
         raise ValueError(f"LoraConfig.quantize_base='nf4' quantizes linear layers only; {name!r} is "
                          f"{type(module).__name__}: drop it from target_modules or add it to "
@@ -342,7 +338,7 @@ def nf4_lora_factory(module: nn.Module, name: str, config: LoraConfig,
             multiple of the block size, naming the module.
     """
     nf4_lora_check(module, name)
-    fan_in_fan_out = _HFConv1D is not None and isinstance(module, _HFConv1D)
+    fan_in_fan_out = is_hf_conv1d(module)
     weight = module.weight
     half = weight.dtype in (torch.float16, torch.bfloat16)
     common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

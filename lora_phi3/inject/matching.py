@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from . import phi3
-from .config import LoraConfig
+from ..config import LoraConfig
 
-try:  # GPT-2-style layer with weight (in, out); optional so matching works without transformers
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # pragma: no cover
-    _HFConv1D = None
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +43,13 @@ class SliceSpec(NamedTuple):
 
 # -- what can be adapted --------------------------------------------------------------------------
 def is_hf_conv1d(module: nn.Module) -> bool:
-    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+    """True for transformers' GPT-2 ``Conv1D`` (a linear layer whose weight is ``(in, out)``).
+
+    transformers is not imported for this: a module can only be an instance of that class if
+    transformers has already loaded it, so ``import lora_phi3`` stays free of transformers.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_linear_like(module: nn.Module) -> bool:

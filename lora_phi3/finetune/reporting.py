@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .atomic import write_bytes_atomic, write_json_atomic
+from ..atomic import write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,8 @@
+"""Putting LoRA into any model: which modules match, the Phi-3 slice map, the swap and its controls."""
+
+from . import phi3
+from .injector import (disable_lora, get_lora_config, inject_lora, lora_modules, merge_and_unload,
+                       merge_lora, unmerge_lora)
+
+__all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
+           "get_lora_config", "lora_modules", "phi3"]
