@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_dir", "write_synced", "write_bytes_atomic", "write_json_atomic", "make_temp_dir"]
+__all__ = ["fsync_dir", "write_synced", "write_bytes_atomic", "write_json_atomic", "make_temp_dir",
+           "atomic_write_dir"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -69,4 +71,49 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
+    return path
+
+
+def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
+    """Write ``files`` (name, bytes) into directory ``path`` so a crash never leaves a mixed set.
+
+    A new directory is built complete in a temp directory next to it and renamed into place in one
+    step. An existing directory gets temp files that are fsynced and then renamed over the old ones
+    in the order given: the last file is the commit record (the adapter json carries the checksum
+    of the tensor file, so a crash between two renames leaves a pair that ``load_adapter`` refuses).
+
+    Raises:
+        ValueError: if ``path`` exists and is not a directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a directory")
+    parent = path.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = make_temp_dir(parent, f".{path.name}.tmp-")
+        try:
+            for name, data in files:
+                write_synced(tmp / name, data)
+            fsync_dir(tmp)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        return path
+    temps: list[tuple[str, str]] = []
+    try:
+        for name, data in files:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=path)
+            os.close(fd)
+            temps.append((tmp_name, name))
+            write_synced(Path(tmp_name), data)
+        for tmp_name, name in temps:
+            os.replace(tmp_name, path / name)
+    finally:
+        for tmp_name, _ in temps:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+    fsync_dir(path)
     return path

@@ -17,9 +17,19 @@ PER_SLICE = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 X = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def tiny_phi3() -> Phi3ForCausalLM:
-    torch.manual_seed(0)  # same base weights every time
-    return Phi3ForCausalLM(Phi3Config(**TINY)).eval()
+def tiny_config(**overrides) -> Phi3Config:
+    """``TINY`` with ``overrides`` (e.g. ``hidden_size=128`` for NF4's block size of 64)."""
+    return Phi3Config(**{**TINY, **overrides})
+
+
+def tiny_phi3(dtype: torch.dtype = torch.float32, seed: int = 0, attn: str | None = None,
+              **overrides) -> Phi3ForCausalLM:
+    """The one tiny Phi-3 builder of the tests: same base weights for the same seed and overrides."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(**overrides)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    return Phi3ForCausalLM(cfg).to(dtype).eval()
 
 
 def randomize(model: nn.Module, seed: int, only=lambda name: True) -> nn.Module:

@@ -19,9 +19,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..atomic import fsync_dir, make_temp_dir, write_synced
+from ..atomic import atomic_write_dir
 from ..config import LoraConfig
 from ..inject.injector import get_lora_config, inject_lora
 from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -154,51 +151,6 @@ def injected_preview(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def atomic_write_dir(path: str | Path, files: list[tuple[str, bytes]]) -> Path:
-    """Write ``files`` (name, bytes) into directory ``path`` so a crash never leaves a mixed set.
-
-    A new directory is built complete in a temp directory next to it and renamed into place in one
-    step. An existing directory gets temp files that are fsynced and then renamed over the old ones
-    in the order given: the last file is the commit record (our json carries the checksum of the
-    tensor file, so a crash between two renames leaves a pair that :func:`load_adapter` refuses).
-
-    Raises:
-        ValueError: if ``path`` exists and is not a directory.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"adapter path {str(path)!r} exists and is not a directory")
-    parent = path.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = make_temp_dir(parent, f".{path.name}.tmp-")
-        try:
-            for name, data in files:
-                write_synced(tmp / name, data)
-            fsync_dir(tmp)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(parent)
-        return path
-    temps: list[tuple[str, str]] = []
-    try:
-        for name, data in files:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=path)
-            os.close(fd)
-            temps.append((tmp_name, name))
-            write_synced(Path(tmp_name), data)
-        for tmp_name, name in temps:
-            os.replace(tmp_name, path / name)
-    finally:
-        for tmp_name, _ in temps:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-    fsync_dir(path)
-    return path
-
-
 def parse_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     """Check a safetensors buffer's header by hand, then decode it; never unpickles anything.
 

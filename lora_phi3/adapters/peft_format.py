@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
-from .files import (adapter_state_dict, atomic_write_dir, dtype_name, injected_preview,
+from ..atomic import atomic_write_dir
+from .files import (adapter_state_dict, dtype_name, injected_preview,
                        is_bare, lora_layers, parse_safetensors, read_json, to_saveable)
 from ..inject.injector import get_lora_config, inject_lora
 from ..config import LoraConfig

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .functional import _apply as _fused_lora_linear
 
-__all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
+__all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
+           "lora_layers"]
 
 
 def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
@@ -82,6 +83,19 @@ class LoRALayer:
         # Section 4.1 of the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at the start.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    # -- which parameters are the adapter's: the one answer, asked of the layer -------------------
+    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """This layer's own adapter parameters by attribute name (empty for ``r == 0``).
+
+        Callers (``mark_only_lora_as_trainable``, ``lora_state_dict``, adapter files, PEFT export)
+        ask the layer rather than matching ``"lora_"`` in names, so a new variant that adds a
+        parameter (a DoRA magnitude, a second adapter) declares it here and nowhere else.
+        """
+        params = self._parameters  # type: ignore[attr-defined]
+        return {n: params[n] for n in self.adapter_param_names if params.get(n) is not None}
 
     @property
     def lora_active(self) -> bool:
@@ -504,3 +518,12 @@ class Conv3d(_ConvLoRA, nn.Conv3d):
     """``nn.Conv3d`` with LoRA. Input ``(N, C_in, D, H, W)``; see :class:`_ConvLoRA` for shapes."""
 
     _conv_cls = nn.Conv3d
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Qualified name -> LoRA layer, for every layer of ``model`` holding an adapter (``r > 0``).
+
+    The single answer to "which layers carry an adapter"; ``inject.lora_modules`` is this.
+    """
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, LoRALayer) and m.r > 0 and m.adapter_params()}
