@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from lora_phi3 import atomic
 from lora_phi3.adapters import files as adapters
 from lora_phi3.adapters.files import adapter_state_dict, load_adapter, save_adapter
 from lora_phi3.config import LoraConfig
@@ -320,7 +321,7 @@ def test_save_errors(tmp_path):
 def test_crash_during_fresh_save_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("simulated crash")
-    monkeypatch.setattr(adapters.os, "rename", crash)
+    monkeypatch.setattr(atomic.os, "rename", crash)
     with pytest.raises(OSError, match="simulated crash"):
         save_adapter(adapted(), tmp_path / "a")
     assert os.listdir(tmp_path) == []
