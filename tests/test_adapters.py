@@ -336,10 +336,10 @@ def test_crash_between_renames_leaves_a_pair_that_is_refused(tmp_path, monkeypat
         if str(dst).endswith("adapter_config.json"):
             raise OSError("simulated crash")
         real_replace(src, dst)
-    monkeypatch.setattr(adapters.os, "replace", crash_on_json)
+    monkeypatch.setattr(atomic.os, "replace", crash_on_json)
     with pytest.raises(OSError, match="simulated crash"):
         save_adapter(adapted(seed=5), path)  # new tensors land, the new json does not
-    monkeypatch.setattr(adapters.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert sorted(os.listdir(path)) == ["adapter.safetensors", "adapter_config.json"]  # no temps
     model = adapted(seed=2)
     snap = snapshot(model)
