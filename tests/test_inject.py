@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-import lora_phi3.inject.injector as inject_mod
+import lora_phi3.inject.factory as factory_mod
 from lora_phi3 import layers as L
 from lora_phi3.config import LoraConfig
 from lora_phi3.inject.injector import (disable_lora, get_lora_config, inject_lora, lora_modules,
-                              merge_and_unload, merge_lora, register_quantized_factory, unmerge_lora)
+                              merge_and_unload, merge_lora, unmerge_lora)
+from lora_phi3.inject.factory import register_quantized_factory
 from tiny import randomize_lora
 
 
@@ -357,8 +358,8 @@ def test_injecting_twice_is_refused_until_unloaded():
 
 
 def test_quantize_base_hook(monkeypatch):
-    monkeypatch.setattr(inject_mod, "_QUANTIZED_FACTORIES", {})
-    monkeypatch.setattr(inject_mod, "_QUANTIZED_CHECKS", {})
+    monkeypatch.setattr(factory_mod, "_QUANTIZED_FACTORIES", {})
+    monkeypatch.setattr(factory_mod, "_QUANTIZED_CHECKS", {})
     with pytest.raises(NotImplementedError, match=r"quantize_base='nf4': no quantized LoRA layer is registered"):
         inject_lora(TinyNet(), LoraConfig(target_modules=["fc1"], quantize_base="nf4"))
     calls = []

@@ -13,100 +13,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from . import phi3
 from ..config import LoraConfig
-from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
-from .matching import SliceSpec, adaptable_names, is_hf_conv1d, plan_targets, saved_module_names
+from ..layers.lora_layers import LoRALayer
+from .factory import make_lora_module, plain_module, quantized_check, quantized_factory
+from .matching import SliceSpec, adaptable_names, plan_targets, saved_module_names
 from ..utils import mark_only_lora_as_trainable
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
-           "get_lora_config", "lora_modules", "SliceSpec", "register_quantized_factory",
-           "CONFIG_ATTR"]
+           "get_lora_config", "lora_modules", "SliceSpec", "CONFIG_ATTR"]
 
 CONFIG_ATTR = "_lora_phi3_config"  # where inject_lora keeps the (resolved) config on the model
-_BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
-_CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-
-# quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
-# registers "nf4" here; _make_lora_module is the one place where base layers become LoRA layers.
-_QUANTIZED_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
-_QUANTIZED_CHECKS: dict[str, Callable[[nn.Module, str], None]] = {}
-
-
-def register_quantized_factory(method: str, factory: Callable[..., nn.Module],
-                               check: Callable[[nn.Module, str], None] | None = None) -> None:
-    """Let ``inject_lora`` build LoRA layers over quantized bases for ``quantize_base=method``.
-
-    ``factory(module, name, config, slice_spec)`` returns the LoRA module that replaces ``module``
-    (``slice_spec`` is a :class:`SliceSpec` for fused Phi-3 projections, else None).
-    ``check(module, name)`` raises the factory's errors without building anything; ``inject_lora``
-    runs it on every target before replacing any, so a refused injection changes nothing.
-    """
-    _QUANTIZED_FACTORIES[method] = factory
-    if check is None:
-        _QUANTIZED_CHECKS.pop(method, None)  # a new factory never inherits an old one's check
-    else:
-        _QUANTIZED_CHECKS[method] = check
-
-
-def _quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
-    factory = _QUANTIZED_FACTORIES.get(config.quantize_base)
-    if factory is None:
-        raise NotImplementedError(f"LoraConfig.quantize_base={config.quantize_base!r}: no quantized "
-                                  "LoRA layer is registered (import the QLoRA module, which calls "
-                                  "register_quantized_factory)")
-    return factory
-
-
-def _make_lora_module(module: nn.Module, name: str, config: LoraConfig,
-                      slice_spec: SliceSpec | None) -> nn.Module:
-    """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
-
-    Adapters are kept in fp32 when the base weight is fp16/bf16: the optimizer then updates fp32
-    values, and the layers cast the input to fp32 and the adapter's output back.
-
-    Raises:
-        NotImplementedError: ``config.quantize_base`` is set but no factory is registered for it.
-    """
-    if config.quantize_base is not None:
-        return _quantized_factory(config)(module, name, config, slice_spec)
-    half = module.weight.dtype in (torch.float16, torch.bfloat16)
-    common = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
-                  lora_dtype=torch.float32 if half else None)
-    new: LoRALayer
-    if isinstance(module, nn.Embedding):
-        new = Embedding.from_embedding(module, **common)
-    elif isinstance(module, tuple(_CONV_LORA)):
-        conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
-        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
-    else:
-        fan_in_fan_out = is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
-        if config.fan_in_fan_out and not fan_in_fan_out:
-            logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
-        if slice_spec is not None:
-            new = MergedLinear.from_linear(module, lora_dropout=config.lora_dropout,
-                                           enable_lora=slice_spec.enable_lora,
-                                           split_sizes=slice_spec.split_sizes,
-                                           fan_in_fan_out=fan_in_fan_out, **common)
-        else:
-            new = Linear.from_linear(module, lora_dropout=config.lora_dropout,
-                                     fan_in_fan_out=fan_in_fan_out, **common)
-    # Keep the original module (minus its parameters, which now live in the LoRA layer) so
-    # merge_and_unload returns the very class it replaced, hooks and attributes included.
-    for key in module._parameters:
-        module._parameters[key] = None
-    new.__dict__[_BASE_ATTR] = module
-    new.train(module.training)
-    return new
-
-
 def _paths(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every qualified name it is reachable under (shared modules have several)."""
     paths: dict[int, list[str]] = {}
@@ -188,9 +112,9 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                              f"{', '.join(adaptable_names(model, {}))}")
         targets = list(phi3.DEFAULT_TARGETS)
     if config.quantize_base is not None:
-        _quantized_factory(config)  # fail before any module is replaced
+        quantized_factory(config)  # fail before any module is replaced
     plan = plan_targets(model, config, targets)
-    check = _QUANTIZED_CHECKS.get(config.quantize_base) if config.quantize_base else None
+    check = quantized_check(config)
     if check is not None:
         for name in plan:  # every refusal happens here, before the first replacement
             check(model.get_submodule(name), name)
@@ -198,7 +122,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     paths = _paths(model)
     for name, spec in plan.items():
         module = model.get_submodule(name)
-        new = _make_lora_module(module, name, config, spec)
+        new = make_lora_module(module, name, config, spec)
         for path in paths[id(module)]:  # a shared module is replaced everywhere it is used
             _replace(model, path, new)
     mark_only_lora_as_trainable(model, config.bias)
@@ -311,36 +235,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.merge_weights = merge_weights
 
 
-def _plain(layer: LoRALayer) -> nn.Module:
-    """The torch module ``layer`` stands for, holding its (merged) weight and bias."""
-    base = layer.__dict__.get(_BASE_ATTR)
-    if base is not None:
-        for key in base._parameters:
-            base._parameters[key] = layer._parameters.get(key)
-        base.train(layer.training)
-        return base
-    # A layer built by hand (not by inject_lora): rebuild its torch class around the same tensors.
-    weight, bias = layer.weight, getattr(layer, "bias", None)
-    with torch.device("meta"):
-        if isinstance(layer, nn.Linear):
-            plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
-            if layer.fan_in_fan_out:  # nn.Linear wants (out, in): one transposed copy
-                weight = nn.Parameter(weight.detach().T.contiguous(), weight.requires_grad)
-        elif isinstance(layer, nn.Embedding):
-            plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
-                                 layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
-        else:
-            conv_base = next(b for b in _CONV_LORA if isinstance(layer, b))
-            plain = conv_base(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                              layer.padding, layer.dilation, layer.groups, bias is not None,
-                              layer.padding_mode)
-    plain.weight = weight
-    if bias is not None:
-        plain.bias = bias
-    plain.train(layer.training)
-    return plain
-
-
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     """Merge every adapter and put the plain torch modules back (same storage, no copies).
@@ -365,7 +259,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     paths = _paths(model)
     layers = {id(m): m for m in model.modules() if isinstance(m, LoRALayer)}
     for key, layer in layers.items():
-        plain = _plain(layer)
+        plain = plain_module(layer)
         for path in paths[key]:
             if not path:
                 model = plain

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..inject import factory
 from ..inject import injector as inject
 from ..inject.matching import is_hf_conv1d
 from ..config import LoraConfig
@@ -355,12 +356,12 @@ def nf4_lora_factory(module: nn.Module, name: str, config: LoraConfig,
     # merge_and_unload hands back the very class it replaced. Its dense weight is not kept.
     for key in module._parameters:
         module._parameters[key] = None
-    new.__dict__[inject._BASE_ATTR] = module
+    new.__dict__[factory.BASE_ATTR] = module
     new.train(module.training)
     return new
 
 
-inject.register_quantized_factory("nf4", nf4_lora_factory, check=nf4_lora_check)
+factory.register_quantized_factory("nf4", nf4_lora_factory, check=nf4_lora_check)
 
 
 # -- model-wide helpers ----------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Which LoRA layer replaces a module, and which plain module a LoRA layer stands for.
+
+:func:`make_lora_module` is the single place where a base module becomes a LoRA layer (dense or
+over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..config import LoraConfig
+from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .matching import SliceSpec, is_hf_conv1d
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["make_lora_module", "plain_module", "register_quantized_factory", "quantized_factory",
+           "quantized_check", "BASE_ATTR"]
+
+BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
+_CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+
+# quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
+# registers "nf4" here; make_lora_module is the one place where base layers become LoRA layers.
+_QUANTIZED_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+_QUANTIZED_CHECKS: dict[str, Callable[[nn.Module, str], None]] = {}
+
+
+def register_quantized_factory(method: str, factory: Callable[..., nn.Module],
+                               check: Callable[[nn.Module, str], None] | None = None) -> None:
+    """Let ``inject_lora`` build LoRA layers over quantized bases for ``quantize_base=method``.
+
+    ``factory(module, name, config, slice_spec)`` returns the LoRA module that replaces ``module``
+    (``slice_spec`` is a :class:`SliceSpec` for fused Phi-3 projections, else None).
+    ``check(module, name)`` raises the factory's errors without building anything; ``inject_lora``
+    runs it on every target before replacing any, so a refused injection changes nothing.
+    """
+    _QUANTIZED_FACTORIES[method] = factory
+    if check is None:
+        _QUANTIZED_CHECKS.pop(method, None)  # a new factory never inherits an old one's check
+    else:
+        _QUANTIZED_CHECKS[method] = check
+
+
+def quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
+    factory = _QUANTIZED_FACTORIES.get(config.quantize_base)
+    if factory is None:
+        raise NotImplementedError(f"LoraConfig.quantize_base={config.quantize_base!r}: no quantized "
+                                  "LoRA layer is registered (import the QLoRA module, which calls "
+                                  "register_quantized_factory)")
+    return factory
+
+
+def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
+                      slice_spec: SliceSpec | None) -> nn.Module:
+    """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
+
+    Adapters are kept in fp32 when the base weight is fp16/bf16: the optimizer then updates fp32
+    values, and the layers cast the input to fp32 and the adapter's output back.
+
+    Raises:
+        NotImplementedError: ``config.quantize_base`` is set but no factory is registered for it.
+    """
+    if config.quantize_base is not None:
+        return quantized_factory(config)(module, name, config, slice_spec)
+    half = module.weight.dtype in (torch.float16, torch.bfloat16)
+    common = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
+                  lora_dtype=torch.float32 if half else None)
+    new: LoRALayer
+    if isinstance(module, nn.Embedding):
+        new = Embedding.from_embedding(module, **common)
+    elif isinstance(module, tuple(_CONV_LORA)):
+        conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
+        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
+    else:
+        fan_in_fan_out = is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
+        if config.fan_in_fan_out and not fan_in_fan_out:
+            logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
+        if slice_spec is not None:
+            new = MergedLinear.from_linear(module, lora_dropout=config.lora_dropout,
+                                           enable_lora=slice_spec.enable_lora,
+                                           split_sizes=slice_spec.split_sizes,
+                                           fan_in_fan_out=fan_in_fan_out, **common)
+        else:
+            new = Linear.from_linear(module, lora_dropout=config.lora_dropout,
+                                     fan_in_fan_out=fan_in_fan_out, **common)
+    # Keep the original module (minus its parameters, which now live in the LoRA layer) so
+    # merge_and_unload returns the very class it replaced, hooks and attributes included.
+    for key in module._parameters:
+        module._parameters[key] = None
+    new.__dict__[BASE_ATTR] = module
+    new.train(module.training)
+    return new
+
+
+def quantized_check(config: LoraConfig) -> Callable[[nn.Module, str], None] | None:
+    """The registered pre-check for ``config.quantize_base`` (None for dense bases)."""
+    return _QUANTIZED_CHECKS.get(config.quantize_base) if config.quantize_base else None
+
+
+def plain_module(layer: LoRALayer) -> nn.Module:
+    """The torch module ``layer`` stands for, holding its (merged) weight and bias."""
+    base = layer.__dict__.get(BASE_ATTR)
+    if base is not None:
+        for key in base._parameters:
+            base._parameters[key] = layer._parameters.get(key)
+        base.train(layer.training)
+        return base
+    # A layer built by hand (not by inject_lora): rebuild its torch class around the same tensors.
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    with torch.device("meta"):
+        if isinstance(layer, nn.Linear):
+            plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+            if layer.fan_in_fan_out:  # nn.Linear wants (out, in): one transposed copy
+                weight = nn.Parameter(weight.detach().T.contiguous(), weight.requires_grad)
+        elif isinstance(layer, nn.Embedding):
+            plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                                 layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
+        else:
+            conv_base = next(b for b in _CONV_LORA if isinstance(layer, b))
+            plain = conv_base(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                              layer.padding, layer.dilation, layer.groups, bias is not None,
+                              layer.padding_mode)
+    plain.weight = weight
+    if bias is not None:
+        plain.bias = bias
+    plain.train(layer.training)
+    return plain
