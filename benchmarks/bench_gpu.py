@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_phi3 as lora  # noqa: E402
-from lora_phi3.layers.functional import enable_input_recompute  # noqa: E402
+from lora_phi3.layers import enable_input_recompute  # noqa: E402
 from lora_phi3.finetune.losses import lm_loss_sum  # noqa: E402
 from common import (have, interleaved, machine, markdown_table, paired_ratio, peft_wrap,  # noqa: E402
                     train_step_fn)

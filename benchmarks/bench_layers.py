@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_phi3 as lora  # noqa: E402
-from lora_phi3.layers.functional import lora_linear  # noqa: E402
+from lora_phi3.layers import lora_linear  # noqa: E402
 from common import (have, interleaved, load, machine, markdown_table, paired_ratio,  # noqa: E402
                     peft_wrap, train_step_fn)
 
@@ -113,7 +113,7 @@ def compile_report() -> list[list]:
 
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from lora_phi3.layers.functional import enable_input_recompute
+    from lora_phi3.layers import enable_input_recompute
 
     cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=128, pad_token_id=0,

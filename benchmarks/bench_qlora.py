@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lora_phi3.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, _chunk_elements, nf4_dequantize, nf4_matmul, nf4_quantize
+from lora_phi3.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, chunk_elements as _chunk_elements, nf4_dequantize, nf4_quantize
+from lora_phi3.quant.nf4_linear import nf4_matmul
 
 # Phi-3-mini-4k: hidden 3072, intermediate 8192, 32 layers, vocab 32064, untied lm_head.
 HIDDEN, LAYERS, VOCAB = 3072, 32, 32064

@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 
 import lora_phi3 as lora
-from lora_phi3.adapters.files import load_adapter, save_adapter
-from lora_phi3.config import LoraConfig
-from lora_phi3.inject.injector import inject_lora, merge_and_unload
+from lora_phi3 import LoraConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
 
 
 def make_model() -> nn.Module:

@@ -16,8 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from lora_phi3.adapters.files import load_adapter
-from lora_phi3.finetune.job import finetune, generate_answer
+from lora_phi3 import load_adapter
+from lora_phi3.finetune import finetune, generate_answer
 from lora_phi3.finetune.models import load_model
 from lora_phi3.finetune.recipe import load_recipe
 from lora_phi3.finetune.tokenizer import load_tokenizer

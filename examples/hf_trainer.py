@@ -18,11 +18,10 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lora_phi3.adapters.files import save_adapter
-from lora_phi3.config import LoraConfig
-from lora_phi3.finetune.data import load_conversations, tokenize_dataset
+from lora_phi3 import LoraConfig, inject_lora, save_adapter
+from lora_phi3.finetune.conversations import load_conversations
+from lora_phi3.finetune.data import tokenize_dataset
 from lora_phi3.finetune.packing import collate
-from lora_phi3.inject.injector import inject_lora
 from lora_phi3.finetune.models import load_model
 from lora_phi3.finetune.tokenizer import load_tokenizer
 

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import string
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from lora_phi3.atomic import write_bytes_atomic
+from lora_phi3.finetune.tokenizer import PHI3_SPECIAL_TOKENS
+
 # Order fixes the ids: <|endoftext|> = 0, <|system|> = 1, ...
-SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = list(PHI3_SPECIAL_TOKENS)
 VOCAB_SIZE = 1024
 N_TRAIN = 2000
 N_EVAL = 200
@@ -243,11 +244,8 @@ def train_tokenizer(rows: list[dict]) -> Tokenizer:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped package data must be world-readable
-    os.replace(tmp, path)
+    # Shipped package data: UTF-8 with "\n" line ends, readable like any file open() makes.
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> None:

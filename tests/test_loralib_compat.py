@@ -65,3 +65,32 @@ def make_full_state(theirs):
     state = {k: v.clone() for k, v in theirs.state_dict().items()}
     theirs.train(was_training)
     return state
+
+
+# Every layer built from its constructor draws from the RNG in loralib's order: the torch module's
+# init, then (after A and B exist) loralib's full reset_parameters() again: base weight, bias, A.
+SEEDED = [
+    ("Linear", lambda m: m.Linear(10, 6, r=2, lora_alpha=4)),
+    ("Linear-r0", lambda m: m.Linear(10, 6)),
+    ("Linear-fifo", lambda m: m.Linear(10, 6, r=2, fan_in_fan_out=True)),
+    ("MergedLinear", lambda m: m.MergedLinear(8, 12, r=2, lora_alpha=2, enable_lora=[True, False, True])),
+    ("MergedLinear-fifo", lambda m: m.MergedLinear(8, 12, r=2, enable_lora=[False, True],
+                                                    fan_in_fan_out=True)),
+    ("Embedding", lambda m: m.Embedding(12, 5, r=3, lora_alpha=3, padding_idx=1)),
+    ("Conv1d", lambda m: m.Conv1d(3, 6, 1, r=2)),  # kernel 1: loralib's Conv1d breaks for k > 1
+    ("Conv2d", lambda m: m.Conv2d(3, 6, 3, r=2, lora_alpha=2)),
+    ("Conv3d", lambda m: m.Conv3d(2, 4, 1, r=2)),
+]
+
+
+@pytest.mark.parametrize("name,make", SEEDED, ids=[c[0] for c in SEEDED])
+def test_same_seed_gives_loralibs_initial_weights(name, make):
+    torch.manual_seed(1234)
+    theirs, their_next = make(loralib).state_dict(), torch.rand(())
+    torch.manual_seed(1234)
+    ours, our_next = make(lora).state_dict(), torch.rand(())
+    theirs = {k.removeprefix("conv."): v for k, v in theirs.items()}  # loralib's Conv keys
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    assert our_next == their_next  # the same number of draws: the next layer's init agrees too

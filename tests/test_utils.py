@@ -1,6 +1,7 @@
 """mark_only_lora_as_trainable and lora_state_dict, in each bias mode."""
 
 import pytest
+import torch
 import torch.nn as nn
 
 import lora_phi3 as lora
@@ -39,3 +40,30 @@ def test_unknown_bias_mode_is_a_value_error(fn):
     with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), "
                                          r"got 'some'"):
         fn(_model(), bias="some")
+
+
+class _WithMagnitude(lora.Linear):
+    """A LoRA variant with one more adapter parameter (a DoRA-style magnitude) that it declares."""
+
+    adapter_param_names = ("lora_A", "lora_B", "magnitude")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.magnitude = nn.Parameter(torch.ones(self.out_features))
+
+
+def test_helpers_ask_the_layers_which_parameters_are_the_adapters():
+    model = nn.Sequential(_WithMagnitude(4, 4, r=2), nn.Linear(4, 4))
+    model[1].lora_like = nn.Parameter(torch.zeros(1))  # a "lora_" name on no LoRA layer
+    lora.mark_only_lora_as_trainable(model)
+    assert _trainable(model) == ["0.lora_A", "0.lora_B", "0.magnitude"]
+    assert sorted(lora.lora_state_dict(model)) == ["0.lora_A", "0.lora_B", "0.magnitude"]
+    assert sorted(lora.lora_state_dict(model, bias="lora_only")) == [
+        "0.bias", "0.lora_A", "0.lora_B", "0.magnitude"]
+
+
+def test_shared_layer_keys_follow_state_dict():
+    shared = lora.Linear(4, 4, r=2)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    assert sorted(lora.lora_state_dict(model)) == ["a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"]
+    assert lora.lora_state_dict(shared).keys() == {"lora_A", "lora_B"}

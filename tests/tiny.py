@@ -2,11 +2,12 @@
 
 import torch
 import torch.nn as nn
-from transformers import Phi3Config, Phi3ForCausalLM
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
 from lora_phi3.inject.injector import inject_lora, lora_modules
 from lora_phi3.config import LoraConfig
-from lora_phi3.layers.lora_layers import Embedding, MergedLinear
+from lora_phi3.layers import Embedding, Linear, MergedLinear
 
 # Grouped-query attention: 8 query heads share 2 key/value heads, so q, k and v differ in size.
 TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
@@ -69,12 +70,10 @@ def dense_reference(model) -> Phi3ForCausalLM:
     ref = tiny_phi3()
     with torch.no_grad():
         for name, m in lora_modules(model).items():
-            W, r, s = ref.get_submodule(name).weight, m.r, m.scaling
+            W, s = ref.get_submodule(name).weight, m.scaling
             if isinstance(m, MergedLinear):
-                b0 = 0
-                for i, (start, size) in enumerate(m.lora_slices):
-                    W[start:start + size] += s * m.lora_B[b0:b0 + size] @ m.lora_A[i * r:(i + 1) * r]
-                    b0 += size
+                for sl in m.iter_slices():  # rows sl.out_rows get B_i @ A_i
+                    W[sl.out_rows] += s * m.lora_B[sl.b_rows] @ m.lora_A[sl.a_rows]
             elif isinstance(m, Embedding):
                 W += s * (m.lora_B @ m.lora_A).T
             else:
@@ -85,6 +84,78 @@ def dense_reference(model) -> Phi3ForCausalLM:
     return ref
 
 
+def saved_bytes(fn, exclude=frozenset()):
+    """``(bytes, fn())``: the bytes autograd saves for backward while ``fn()`` runs, each storage
+    counted once (by data pointer), storages whose data pointer is in ``exclude`` (the parameters')
+    left out; as ``benchmarks/bench_memory.py`` counts."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+
+# -- generic tiny models (an MLP with embeddings, a conv net, GPT-2 with Conv1D) ---------------------
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, h):
+        return self.norm(h + self.fc2(F.gelu(self.fc1(h))))
+
+
+class TinyNet(nn.Module):
+    """Token embedding, three residual MLP blocks, an LM head: a stand-in for any transformer."""
+
+    def __init__(self, vocab=20, dim=16, n_layers=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([Block(dim) for _ in range(n_layers)])
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)  # (B, T, dim)
+        for block in self.layers:
+            h = block(h)
+        return self.lm_head(h)  # (B, T, vocab)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.conv2g = nn.Conv2d(8, 4, (3, 1), groups=2)
+        self.conv3 = nn.Conv3d(2, 4, (1, 3, 3))
+
+    def forward(self, x1, x2, x3):
+        return self.conv1(x1), self.conv2g(self.conv2(x2)), self.conv3(x3)
+
+
+def tiny_gpt2():
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+class MagnitudeLinear(Linear):
+    """A LoRA variant with one more adapter parameter, declared in ``adapter_param_names`` (as a
+    DoRA magnitude would be): what every "which parameters are the adapter's" caller must follow."""
+
+    adapter_param_names = ("lora_A", "lora_B", "magnitude")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.magnitude = nn.Parameter(torch.ones(self.out_features))
+
+
 # A two-round conversation with a system prompt (the masking tests write its tokens out by hand).
 CONV = [
     {"role": "system", "content": "Answer with the result only."},
@@ -93,3 +164,26 @@ CONV = [
     {"role": "user", "content": "Add 2 to that."},
     {"role": "assistant", "content": "5"},
 ]
+
+
+def grads_of(fn, tensors, grad_out, seed: int = 7) -> list[torch.Tensor]:
+    """``[fn(), d fn / d t for t in tensors]`` after ``torch.manual_seed(seed)`` (so dropout draws
+    the same mask for every path compared) and a backward of ``grad_out``."""
+    for t in tensors:
+        t.grad = None
+    torch.manual_seed(seed)
+    y = fn()
+    y.backward(grad_out)
+    return [y.detach()] + [t.grad.clone() for t in tensors]
+
+
+def assert_all_close(got, want, atol: float = 1e-5) -> None:
+    """Pairwise ``assert_close`` with an absolute tolerance only (grads here are of order 1)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+# Hidden and intermediate sizes that are multiples of NF4's block size 64 (QLoRA tests):
+# tiny_phi3(attn="sdpa", **NF4_SIZES).
+NF4_SIZES = dict(hidden_size=128, intermediate_size=256)

@@ -1,7 +1,15 @@
-"""Adapter files: our safetensors format, and export to / import from the HF PEFT format."""
+"""Adapter files: our safetensors format, and export to / import from the HF PEFT format.
 
-from .files import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from .peft_format import export_peft, import_peft, peft_state_dict
+- :mod:`.state`: what an adapter is inside a model (its tensors, per-module facts, a preview);
+- :mod:`.validate`: reading files safely and checking them against a model;
+- :mod:`.files`: our format (``save_adapter``, ``read_adapter``, ``load_adapter``);
+- :mod:`.peft_export` / :mod:`.peft_import`: the HF PEFT format, both ways.
+"""
+
+from .files import load_adapter, read_adapter, save_adapter
+from .peft_export import export_peft, peft_state_dict
+from .peft_import import import_peft
+from .state import adapter_state_dict
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",
            "export_peft", "import_peft", "peft_state_dict"]

@@ -4,7 +4,8 @@ The library (everything outside this subpackage) never imports it. ``finetune(re
 whole job; ``load_recipe`` builds a recipe from a YAML file and command-line overrides.
 """
 
-from .job import DEMO_NOTICE, finetune, generate_answer, set_seed
+from .generate import generate_answer
+from .job import DEMO_NOTICE, finetune, set_seed
 from .recipe import Recipe, TrainingConfig, load_recipe
 
 __all__ = ["finetune", "load_recipe", "Recipe", "TrainingConfig", "DEMO_NOTICE", "generate_answer",

@@ -10,7 +10,8 @@ A checkpoint is ``<output-dir>/checkpoint-<step>/`` holding
 * ``complete``: an empty marker written last.
 
 Everything is written into a hidden temporary directory next to the final one, which is then
-renamed: a ``kill -9`` at any moment leaves either no checkpoint or a complete one.
+renamed (:func:`lora_phi3.atomic.atomic_dir`): a ``kill -9`` at any moment leaves either no
+checkpoint or a complete one.
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..atomic import fsync_dir, make_temp_dir
+from ..atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["capture_rng_state", "restore_rng_state", "save_checkpoint", "find_latest_checkpoint",
-           "list_checkpoints", "rotate_checkpoints", "load_training_state", "COMPLETE_MARKER"]
+           "list_checkpoints", "resolve_resume", "rotate_checkpoints", "clean_partial_checkpoints",
+           "load_training_state",
+           "COMPLETE_MARKER", "STATE_FILE", "TMP_PREFIX"]
 
 COMPLETE_MARKER = "complete"
 STATE_FILE = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TMP_PREFIX = ".tmp-checkpoint-"
+#: Name prefix of a checkpoint being written; what a killed run leaves is removed on start.
+TMP_PREFIX = ".tmp-checkpoint-"
 
 
 # -- RNG states as weights_only-loadable data ----------------------------------------------------
@@ -89,6 +93,30 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_resume(output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
+    """The checkpoint a run continues from.
+
+    Args:
+        output_dir: the run directory.
+        resume: False (start fresh), True or ``"latest"`` (the newest complete checkpoint in
+            ``output_dir``; None with a warning when there is none), or a checkpoint directory.
+
+    Raises:
+        ValueError: ``resume`` names a directory that does not exist.
+    """
+    if not resume:
+        return None
+    if isinstance(resume, str) and resume not in ("latest", "true", "True"):
+        p = Path(resume)
+        if not p.is_dir():
+            raise ValueError(f"--resume: checkpoint directory {resume!r} does not exist")
+        return p
+    found = find_latest_checkpoint(output_dir)
+    if found is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from scratch", output_dir)
+    return found
+
+
 def _remove_checkpoint(path: Path) -> None:
     # The marker goes first, so an interrupted removal never leaves a "complete" partial checkpoint.
     marker = path / COMPLETE_MARKER
@@ -118,7 +146,7 @@ def clean_partial_checkpoints(output_dir: str | os.PathLike) -> None:
     root = Path(output_dir)
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -145,29 +173,17 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
         The final checkpoint path.
     """
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = make_temp_dir(root, f"{_TMP_PREFIX}{step}-")
-    try:
+    with atomic_dir(final, prefix=f"{TMP_PREFIX}{step}-") as tmp:
         write_adapter(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, st in enumerate(rng_states):
             torch.save(st, tmp / f"rng_state_{rank}.pt")
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
         (tmp / COMPLETE_MARKER).write_text("")
-        fsync_dir(tmp)
         if final.exists():  # e.g. a resumed run re-saving the same step
             _remove_checkpoint(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved checkpoint %s", final)
     rotate_checkpoints(root, save_total_limit)
     return final

@@ -1,7 +1,7 @@
 """The ``lora-phi3`` command: ``finetune``, ``merge``, ``export-peft`` and ``generate``.
 
-``python -m lora_phi3.cli ...`` and ``python -m lora_phi3 ...`` are the same as the console script.
-Under ``torchrun --nproc_per_node N`` the ``finetune`` command trains with DDP.
+``python -m lora_phi3.finetune.cli ...`` and ``python -m lora_phi3 ...`` are the same as the console
+script. Under ``torchrun --nproc_per_node N`` the ``finetune`` command trains with DDP.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .recipe import LR_SCHEDULERS, ON_BAD_ROW
+from .recipe import LR_SCHEDULERS, ON_BAD_ROW, flag_name
 
 logger = logging.getLogger("lora_phi3.cli")
 
@@ -51,10 +50,6 @@ _LORA_FLAGS: list[tuple[str, type, str]] = [
     ("lora_alpha", float, "LoRA alpha (scaling = alpha / r)"),
     ("lora_dropout", float, "dropout on the adapter input, in [0, 1)"),
 ]
-
-
-def _kebab(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _target_modules(text: str) -> list[str] | str:
@@ -96,17 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     for name, typ, help_ in _TRAINING_FLAGS:
-        ft.add_argument(_kebab(name), dest=f"training.{name}", type=typ, help=help_,
+        ft.add_argument(flag_name(name), dest=f"training.{name}", type=typ, help=help_,
                         metavar=name.split("_")[-1].upper())
     ft.add_argument("--lr-scheduler", dest="training.lr_scheduler", choices=LR_SCHEDULERS,
                     help="learning-rate schedule after warm-up")
     ft.add_argument("--on-bad-row", dest="training.on_bad_row", choices=ON_BAD_ROW,
                     help="skip (count, warn) or error on a bad data row")
     for name, help_ in _BOOL_FLAGS:
-        ft.add_argument(_kebab(name), dest=f"training.{name}", action=argparse.BooleanOptionalAction,
+        ft.add_argument(flag_name(name), dest=f"training.{name}", action=argparse.BooleanOptionalAction,
                         default=None, help=help_)
     for name, typ, help_ in _LORA_FLAGS:
-        ft.add_argument(_kebab(name), dest=f"lora.{name}", type=typ, help=help_,
+        ft.add_argument(flag_name(name), dest=f"lora.{name}", type=typ, help=help_,
                         metavar=name.split("_")[-1].upper())
     ft.add_argument("--target-modules", dest="lora.target_modules", type=_target_modules,
                     metavar="NAMES",
@@ -157,7 +152,7 @@ def _base_model_of(adapter: str, model: str | None) -> str | None:
     """``--model`` if given, else the base recorded in the adapter (None = embedded tiny model)."""
     if model is not None:
         return model
-    from ..adapters.files import read_adapter
+    from .. import read_adapter
 
     doc, _ = read_adapter(adapter)
     name = (doc.get("base_model") or {}).get("name_or_path")
@@ -220,9 +215,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from ..adapters.files import load_adapter
-    from ..atomic import make_temp_dir
-    from ..inject.injector import merge_and_unload
+    from .. import load_adapter, merge_and_unload
+    from ..atomic import atomic_dir
 
     base = _base_model_of(args.adapter, args.model)
     model, tokenizer = _load_base(base)
@@ -234,25 +228,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                          "directory (a merged checkpoint is never written over another)")
     # Written complete into a temp dir beside the target, then renamed: a crash never leaves a
     # half-written checkpoint that from_pretrained would load.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained or "
           f"--model {out})")
     return 0
 
 
 def _cmd_export_peft(args: argparse.Namespace) -> int:
-    from ..adapters.files import load_adapter
-    from ..adapters.peft_format import export_peft
+    from .. import export_peft, load_adapter
 
     base = _base_model_of(args.adapter, args.model)
     model, _ = _load_base(base)
@@ -263,14 +248,14 @@ def _cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .job import generate_answer
+    from .generate import generate_answer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     base = _base_model_of(args.adapter, args.model) if args.adapter else args.model
     model, tokenizer = _load_base(base)
     if args.adapter:
-        from ..adapters.files import load_adapter
+        from .. import load_adapter
         load_adapter(model, args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]

@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["lm_loss_sum", "IGNORE_INDEX"]
 
+#: Label of a position that is not trained (prompt, padding, an example's first token in a packed
+#: row); the value ``torch.nn.functional.cross_entropy`` and transformers ignore by default.
 IGNORE_INDEX = -100
 
 

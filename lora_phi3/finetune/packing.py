@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX, ExampleTooLong
+from .data import ExampleTooLong
+from .losses import IGNORE_INDEX
 
 __all__ = ["pack_examples", "collate", "batches"]
 

@@ -23,16 +23,17 @@ from typing import Any
 
 from ..config import LoraConfig
 from ..inject.phi3 import DEFAULT_TARGETS
+from .conversations import ON_BAD_ROW_CHOICES as ON_BAD_ROW
 
 __all__ = ["TrainingConfig", "Recipe", "load_recipe", "PHI3_MINI_TRAINING", "PHI3_MINI_LORA",
-           "DEMO_TRAINING", "DEMO_LORA", "LR_SCHEDULERS", "ON_BAD_ROW"]
+           "DEMO_TRAINING", "DEMO_LORA", "LR_SCHEDULERS", "ON_BAD_ROW", "flag_name"]
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-ON_BAD_ROW = ("skip", "error")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a recipe field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -132,7 +133,7 @@ class TrainingConfig:
 
 # -- validation helpers: every message names the field, its flag, the value and what is allowed --
 def _fail(cfg: Any, name: str, what: str) -> None:
-    raise ValueError(f"training.{name} ({_flag(name)}) {what}, got {getattr(cfg, name)!r}")
+    raise ValueError(f"training.{name} ({flag_name(name)}) {what}, got {getattr(cfg, name)!r}")
 
 
 def _int(cfg: Any, name: str, low: int) -> int:

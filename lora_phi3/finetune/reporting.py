@@ -1,27 +1,57 @@
 """Run outputs besides checkpoints: ``metrics.jsonl``, the loss-curve PNG, ``summary.json``.
 
-Only the main process (rank 0) calls these. JSON files that matter are written atomically
-(temporary file in the same directory, then ``os.replace``); ``metrics.jsonl`` is append-only.
+Only the main process (rank 0) calls these. Files are replaced atomically (``lora_phi3.atomic``);
+``metrics.jsonl`` is append-only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import write_bytes_atomic, write_json_atomic
+from ..atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsLog", "write_json_atomic", "plot_loss_curve", "peak_memory_bytes", "perplexity"]
+__all__ = ["RUN_FILES", "check_output_dir", "MetricsLog", "plot_loss_curve", "peak_memory_bytes", "perplexity"]
+
+
+#: What a run writes into its output dir besides ``checkpoint-<step>/`` (``--overwrite-output-dir``
+#: removes exactly these and the checkpoints).
+RUN_FILES = ("adapter", "summary.json", "metrics.jsonl", "loss_curve.png", "recipe.json")
+
+
+def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
+    """Make sure a new run may write into ``out``.
+
+    A directory holding another run's files is accepted when resuming, emptied of them with
+    ``overwrite``, and refused otherwise.
+
+    Raises:
+        ValueError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    existing = [p.name for p in out.iterdir()] if out.is_dir() else []
+    ours = [n for n in existing if n in RUN_FILES or n.startswith("checkpoint-")]
+    if not ours or resume:
+        return
+    if overwrite:
+        for n in ours:
+            p = out / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
+    raise ValueError(f"--output-dir {str(out)!r} already holds a run ({', '.join(sorted(ours)[:4])}); "
+                     "pass --resume to continue it, --overwrite-output-dir to replace it, or choose "
+                     "another --output-dir")
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -102,11 +132,10 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike) -> b
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(f".{p.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, p)
+    write_bytes_atomic(path, png.getvalue())
     return True
 
 

@@ -15,6 +15,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["load_tokenizer", "PHI3_CHAT_TEMPLATE", "PHI3_SPECIAL_TOKENS", "EOS_TOKEN",
+           "END_OF_TURN_TOKEN"]
+
 #: Chat template of microsoft/Phi-3-mini-4k-instruct (tokenizer_config.json), verbatim.
 #: Renders ``<|role|>\n{content}<|end|>\n`` per message, then ``<|assistant|>\n`` when
 #: ``add_generation_prompt`` else the eos token (``<|endoftext|>``).
@@ -27,10 +30,12 @@ PHI3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-#: Phi-3's chat control tokens; each is a single token in the embedded tokenizer.
-PHI3_SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+#: Phi-3's end of text (eos, also used as pad) and the token that closes every chat turn.
 EOS_TOKEN = "<|endoftext|>"
 END_OF_TURN_TOKEN = "<|end|>"
+#: Phi-3's chat control tokens; each is a single token in the embedded tokenizer, whose ids follow
+#: this order (``<|endoftext|>`` = 0, ...; see ``scripts/make_assets.py``).
+PHI3_SPECIAL_TOKENS = (EOS_TOKEN, "<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN_TOKEN)
 
 _ASSET_FILE = "tokenizer.json"
 

@@ -24,18 +24,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .data import IGNORE_INDEX
-
-from .packing import batches, collate
 from .distributed import DistState, all_reduce_sum, no_sync
-from .losses import lm_loss_sum
+from .losses import IGNORE_INDEX, lm_loss_sum
+from .packing import batches, collate
 from .recipe import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainingConfig", "CausalLMLoss", "StepPlan", "make_optimizer", "make_scheduler",
            "lr_factor", "train_step", "evaluate", "plan_steps", "global_batch_indices",
-           "autocast_context", "local_micro_batches", "enable_gradient_checkpointing"]
+           "autocast_context", "bf16_supported", "local_micro_batches", "enable_gradient_checkpointing"]
 
 
 class CausalLMLoss(nn.Module):
@@ -166,6 +164,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     else:
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no "
                          "gradient_checkpointing_enable(); set gradient_checkpointing: false")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 weights and autocast work on ``device`` (logs a warning on a GPU without)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True
+        logger.warning("bf16 requested but this GPU has no bfloat16 support; training in fp32")
+        return False
+    return True  # CPU autocast supports bfloat16
 
 
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:

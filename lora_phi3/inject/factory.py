@@ -1,77 +1,78 @@
 """Which LoRA layer replaces a module, and which plain module a LoRA layer stands for.
 
 :func:`make_lora_module` is the single place where a base module becomes a LoRA layer (dense or
-over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``.
+over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``. A
+quantized base is dispatched by ``LoraConfig.quantize_base`` to its builder, imported when first
+needed (PEFT's ``dispatch_*`` style): nothing registers itself at import time.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..layers.lora_layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .matching import SliceSpec, is_hf_conv1d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_lora_module", "plain_module", "register_quantized_factory", "quantized_factory",
-           "quantized_check", "BASE_ATTR"]
+__all__ = ["make_lora_module", "plain_module", "quantized_factory", "quantized_check", "BASE_ATTR"]
 
 BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
 _CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-
-# quantize_base method -> factory(module, name, config, slice_spec) -> LoRA module. The QLoRA module
-# registers "nf4" here; make_lora_module is the one place where base layers become LoRA layers.
-_QUANTIZED_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
-_QUANTIZED_CHECKS: dict[str, Callable[[nn.Module, str], None]] = {}
+# Builder signature: builder(module, name, slice_spec, **lora_kwargs) -> LoRA layer
+QuantizedBuilder = Callable[..., LoRALayer]
 
 
-def register_quantized_factory(method: str, factory: Callable[..., nn.Module],
-                               check: Callable[[nn.Module, str], None] | None = None) -> None:
-    """Let ``inject_lora`` build LoRA layers over quantized bases for ``quantize_base=method``.
+def _quantized_backend(method: Any) -> tuple[QuantizedBuilder, Callable[[nn.Module, str], None]]:
+    """``(builder, check)`` for ``quantize_base=method``, importing the backend on first use."""
+    if method == "nf4":
+        from ..quant import qlora  # imported here: quant imports the injector, not the other way
+        return qlora.build_nf4_layer, qlora.check_nf4_target
+    raise NotImplementedError(f"LoraConfig.quantize_base={method!r}: no quantized LoRA layer for "
+                              "it; allowed: 'nf4'")
 
-    ``factory(module, name, config, slice_spec)`` returns the LoRA module that replaces ``module``
-    (``slice_spec`` is a :class:`SliceSpec` for fused Phi-3 projections, else None).
-    ``check(module, name)`` raises the factory's errors without building anything; ``inject_lora``
-    runs it on every target before replacing any, so a refused injection changes nothing.
+
+def quantized_factory(config: LoraConfig) -> QuantizedBuilder:
+    """The builder of LoRA layers over ``config.quantize_base``; ``inject_lora`` calls this first
+    so an unknown method fails before any module is replaced.
+
+    Raises:
+        NotImplementedError: no quantized layer exists for ``config.quantize_base``.
     """
-    _QUANTIZED_FACTORIES[method] = factory
-    if check is None:
-        _QUANTIZED_CHECKS.pop(method, None)  # a new factory never inherits an old one's check
-    else:
-        _QUANTIZED_CHECKS[method] = check
+    return _quantized_backend(config.quantize_base)[0]
 
 
-def quantized_factory(config: LoraConfig) -> Callable[..., nn.Module]:
-    factory = _QUANTIZED_FACTORIES.get(config.quantize_base)
-    if factory is None:
-        raise NotImplementedError(f"LoraConfig.quantize_base={config.quantize_base!r}: no quantized "
-                                  "LoRA layer is registered (import the QLoRA module, which calls "
-                                  "register_quantized_factory)")
-    return factory
+def quantized_check(config: LoraConfig) -> Callable[[nn.Module, str], None] | None:
+    """The pre-check of ``config.quantize_base`` (None for dense bases): ``check(module, name)``
+    raises the builder's errors without building anything; ``inject_lora`` runs it on every
+    target before replacing any, so a refused injection changes nothing."""
+    return _quantized_backend(config.quantize_base)[1] if config.quantize_base else None
 
 
 def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
-                      slice_spec: SliceSpec | None) -> nn.Module:
+                     slice_spec: SliceSpec | None) -> nn.Module:
     """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
 
     Adapters are kept in fp32 when the base weight is fp16/bf16: the optimizer then updates fp32
     values, and the layers cast the input to fp32 and the adapter's output back.
 
     Raises:
-        NotImplementedError: ``config.quantize_base`` is set but no factory is registered for it.
+        NotImplementedError: ``config.quantize_base`` names no known quantized layer.
+        ValueError: the quantized builder refuses ``module`` (see its check).
     """
-    if config.quantize_base is not None:
-        return quantized_factory(config)(module, name, config, slice_spec)
     half = module.weight.dtype in (torch.float16, torch.bfloat16)
-    common = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
-                  lora_dtype=torch.float32 if half else None)
+    common: dict[str, Any] = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
+                                  lora_dtype=torch.float32 if half else None)
     new: LoRALayer
-    if isinstance(module, nn.Embedding):
+    if config.quantize_base is not None:
+        build = quantized_factory(config)
+        new = build(module, name, slice_spec, lora_dropout=config.lora_dropout, **common)
+    elif isinstance(module, nn.Embedding):
         new = Embedding.from_embedding(module, **common)
     elif isinstance(module, tuple(_CONV_LORA)):
         conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
@@ -88,18 +89,14 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
         else:
             new = Linear.from_linear(module, lora_dropout=config.lora_dropout,
                                      fan_in_fan_out=fan_in_fan_out, **common)
-    # Keep the original module (minus its parameters, which now live in the LoRA layer) so
-    # merge_and_unload returns the very class it replaced, hooks and attributes included.
+    # Keep the original module (minus its parameters, which now live in the LoRA layer, or were
+    # quantized and freed) so merge_and_unload returns the very class it replaced, hooks and
+    # attributes included.
     for key in module._parameters:
         module._parameters[key] = None
     new.__dict__[BASE_ATTR] = module
     new.train(module.training)
     return new
-
-
-def quantized_check(config: LoraConfig) -> Callable[[nn.Module, str], None] | None:
-    """The registered pre-check for ``config.quantize_base`` (None for dense bases)."""
-    return _QUANTIZED_CHECKS.get(config.quantize_base) if config.quantize_base else None
 
 
 def plain_module(layer: LoRALayer) -> nn.Module:

@@ -5,7 +5,8 @@ that share (never copy) the original weights, and freezes everything else. The r
 runs the model-wide state: :func:`merge_lora`/:func:`unmerge_lora`, the :func:`disable_lora` context
 for base-model outputs, and :func:`merge_and_unload`, which hands back the plain torch modules.
 
-Which modules are chosen is :mod:`lora_phi3.matching` (``docs/injection.md`` has the long form).
+Which modules are chosen is :mod:`lora_phi3.inject.matching` (``docs/injection.md`` has the long
+form); which layer replaces a module is :mod:`lora_phi3.inject.factory`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from . import phi3
 from ..config import LoraConfig
-from ..layers.lora_layers import LoRALayer
+from ..layers import LoRALayer, enable_input_recompute, lora_layers
 from .factory import make_lora_module, plain_module, quantized_check, quantized_factory
 from .matching import SliceSpec, adaptable_names, plan_targets, saved_module_names
 from ..utils import mark_only_lora_as_trainable
@@ -28,9 +29,15 @@ from ..utils import mark_only_lora_as_trainable
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
-           "get_lora_config", "lora_modules", "SliceSpec", "CONFIG_ATTR"]
+           "get_lora_config", "lora_modules", "check_not_disabled", "SliceSpec", "CONFIG_ATTR"]
 
 CONFIG_ATTR = "_lora_phi3_config"  # where inject_lora keeps the (resolved) config on the model
+# Where inject_lora records the input-recompute hooks it added: {module path: [hook ids]}. Paths and
+# ids, not handles: a deepcopy of the model copies its hook dicts with the same ids, while a handle
+# would still point at the original's dicts.
+RECOMPUTE_HOOKS_ATTR = "_lora_phi3_recompute_hooks"
+
+
 def _paths(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every qualified name it is reachable under (shared modules have several)."""
     paths: dict[int, list[str]] = {}
@@ -64,6 +71,36 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _add_recompute_hooks(model: nn.Module) -> None:
+    """``enable_input_recompute(model)``, recording the hooks it adds so unloading removes them.
+
+    A module that already carries the same hook function (the caller enabled recompute before
+    injecting) keeps only its own: the new duplicate is dropped at once.
+    """
+    where = {id(m._forward_hooks): n for n, m in model.named_modules()}
+    added: dict[str, list[int]] = {}
+    for handle in enable_input_recompute(model):
+        hooks = handle.hooks_dict_ref()
+        fn = hooks.get(handle.id) if hooks is not None else None
+        if fn is None:
+            continue
+        if any(h is fn for key, h in hooks.items() if key != handle.id):
+            handle.remove()
+        else:
+            added.setdefault(where[id(hooks)], []).append(handle.id)
+    model.__dict__[RECOMPUTE_HOOKS_ATTR] = added
+
+
+def _remove_recompute_hooks(model: nn.Module) -> None:
+    for path, ids in model.__dict__.pop(RECOMPUTE_HOOKS_ATTR, {}).items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # the module was taken out of the model since
+            continue
+        for hook_id in ids:
+            module._forward_hooks.pop(hook_id, None)
+
+
 def _remove_input_grad_hooks(model: nn.Module) -> None:
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
@@ -72,7 +109,7 @@ def _remove_input_grad_hooks(model: nn.Module) -> None:
 
 
 # -- public API -----------------------------------------------------------------------------------
-def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = True) -> nn.Module:
     """Swap the modules ``config`` selects for LoRA layers, in place, and freeze everything else.
 
     Weights are shared with the new layers, not copied. Afterwards only the LoRA parameters, the
@@ -81,15 +118,23 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     On a transformers model a forward hook makes the input embeddings' output require grad, so
     activation checkpointing (reentrant or not) still reaches the adapters.
 
+    By default the lean training path is on: :func:`~lora_phi3.layers.enable_input_recompute`
+    hooks the norms and ``gate_up_proj`` modules, so an adapter fed by a norm or by SwiGLU keeps
+    the tensor that is saved for backward anyway instead of its own input (a Phi-3-mini decoder
+    layer then keeps about 1.08x the frozen layer's activations instead of 1.38x). Outputs and
+    gradients are the same either way. :func:`merge_and_unload` removes these hooks again.
+
     Args:
         model: any ``nn.Module``; a Phi-3 model gets the fused-projection map.
         config: what to adapt. ``target_modules=None`` means ``phi3.DEFAULT_TARGETS`` on Phi-3.
+        input_recompute: False opts out of the lean path (every adapter saves its own input);
+            a run option, not part of the adapter, so it is not stored in ``config``.
 
     Returns:
         ``model`` itself; :func:`get_lora_config` returns the config with targets resolved.
 
     Raises:
-        TypeError: ``config`` is not a ``LoraConfig``.
+        TypeError: ``config`` is not a ``LoraConfig``, or ``input_recompute`` is not a bool.
         ValueError: the model already has LoRA layers (injecting twice would stack adapters); a
             target matched nothing; a matched module cannot take an adapter; no target on a
             non-Phi-3 model; a ``modules_to_save`` entry matched nothing or overlaps a target.
@@ -97,6 +142,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"inject_lora needs a LoraConfig, got {type(config).__name__}")
+    if not isinstance(input_recompute, bool):
+        raise TypeError(f"inject_lora: input_recompute must be a bool, got {input_recompute!r}")
     existing = [n or "<root>" for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     if existing or getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} already has LoRA layers ({existing[:3]}...); "
@@ -132,6 +179,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if embeddings is not None and not any(h is _inputs_require_grad
                                           for h in embeddings._forward_hooks.values()):
         embeddings.register_forward_hook(_inputs_require_grad)
+    if input_recompute:
+        _add_recompute_hooks(model)
     setattr(model, CONFIG_ATTR, dataclasses.replace(config, target_modules=targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -146,11 +195,19 @@ def get_lora_config(model: nn.Module) -> LoraConfig | None:
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
-    """Qualified name -> LoRA layer, for every layer with an adapter (``r > 0``)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.r > 0}
+    """Qualified name -> LoRA layer, for every layer holding an adapter (``r > 0``).
+
+    The same answer as :func:`lora_phi3.layers.lora_layers`, under the injector's name.
+    """
+    return lora_layers(model)
 
 
-def _check_not_disabled(model: nn.Module, what: str) -> None:
+def check_not_disabled(model: nn.Module, what: str) -> None:
+    """Refuse ``what`` (e.g. ``"merge"``) while :func:`disable_lora` is active on ``model``.
+
+    Raises:
+        ValueError: some LoRA layer of ``model`` is disabled; names the first few.
+    """
     disabled = [n for n, m in lora_modules(model).items() if m.lora_disabled]
     if disabled:
         raise ValueError(f"cannot {what} inside disable_lora (disabled: {disabled[:3]}...)")
@@ -172,9 +229,8 @@ def _shared_weights(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]
 
 
 def _merge_is_finite(layer: LoRALayer) -> bool:
-    # Same arithmetic as LoRALayer.merge, so the check sees exactly what merge would write.
-    merged = (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
-    return bool(torch.isfinite(merged).all())
+    # merged_weight() is what merge() would write (dense or quantized base alike).
+    return bool(torch.isfinite(layer.merged_weight()).all())
 
 
 @torch.no_grad()
@@ -189,7 +245,7 @@ def merge_lora(model: nn.Module, safe_merge: bool = True) -> None:
         ValueError: a merged weight would be non-finite (no weight is changed); a LoRA layer's weight
             is tied to another module (merging would change that module too); inside ``disable_lora``.
     """
-    _check_not_disabled(model, "merge")
+    check_not_disabled(model, "merge")
     pending = {n: m for n, m in lora_modules(model).items() if not m.merged}
     shared = _shared_weights(model, pending)
     if shared:
@@ -241,8 +297,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
 
     Each LoRA layer made by :func:`inject_lora` is replaced by the very module it replaced
     (``nn.Linear``, transformers ``Conv1D``, ...) now holding the merged weight, so the state dict
-    has the vanilla model's keys. The forward hook and stored config are removed; ``requires_grad``
-    flags are left as they are.
+    has the vanilla model's keys. The hooks :func:`inject_lora` added (input grad, input recompute)
+    and the stored config are removed; ``requires_grad`` flags are left as they are.
 
     Args:
         model: a model with LoRA layers.
@@ -254,8 +310,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     Raises:
         ValueError: as :func:`merge_lora`.
     """
-    _check_not_disabled(model, "merge_and_unload")
+    check_not_disabled(model, "merge_and_unload")
     merge_lora(model, safe_merge=safe_merge)
+    _remove_recompute_hooks(model)
     paths = _paths(model)
     layers = {id(m): m for m in model.modules() if isinstance(m, LoRALayer)}
     for key, layer in layers.items():

@@ -4,8 +4,11 @@ A list of names matches dotted-path suffixes (``"qkv_proj"`` matches
 ``model.layers.0.self_attn.qkv_proj``); one string is a regex ``re.fullmatch``-ed against the full
 path; ``"all-linear"`` takes every linear-like module except the LM head. ``exclude_modules`` and
 ``layers_to_transform`` narrow the choice. On Phi-3 the fused projections also answer to their
-slice names (``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.phi3`). A target that matches
-nothing is an error that lists what the model has.
+slice names (``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.inject.phi3`). A target that
+matches nothing is an error that lists what the model has. A subclass of a supported type that
+defines its own ``forward`` (a MoE router) is never swapped: ``"all-linear"`` skips it, and naming
+it is an error. The same suffix rules decide which parameters ``modules_to_save`` covers, in the
+adapter files and in the PEFT export (:func:`matches`, :func:`under_any`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from ..config import LoraConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["SliceSpec", "SUPPORTED_TYPES", "plan_targets", "saved_module_names", "adaptable_names",
-           "is_supported", "is_linear_like", "is_hf_conv1d"]
+           "is_supported", "is_linear_like", "is_hf_conv1d", "overridden_forward", "matched_entries",
+           "matches", "under_any"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -42,22 +46,49 @@ class SliceSpec(NamedTuple):
 
 
 # -- what can be adapted --------------------------------------------------------------------------
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for transformers' GPT-2 ``Conv1D`` (a linear layer whose weight is ``(in, out)``).
+def _hf_conv1d_class() -> type | None:
+    # transformers is not imported for this: a module can only be an instance of that class if
+    # transformers has already loaded it, so ``import lora_phi3`` stays free of transformers.
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
-    transformers is not imported for this: a module can only be an instance of that class if
-    transformers has already loaded it, so ``import lora_phi3`` stays free of transformers.
-    """
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (a linear layer whose weight is ``(in, out)``)."""
+    conv1d = _hf_conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` (and subclasses) and transformers' ``Conv1D``: what ``all-linear`` takes."""
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def is_supported(module: nn.Module) -> bool:
+    """True if ``module``'s type is one a LoRA layer exists for (see ``SUPPORTED_TYPES``)."""
     return is_linear_like(module) or isinstance(module, (nn.Embedding, *_CONV_TYPES))
+
+
+def overridden_forward(module: nn.Module) -> type | None:
+    """The supported torch class whose ``forward`` ``type(module)`` overrides, or None.
+
+    A LoRA layer replaces the module and runs the plain linear/embedding/conv forward, so a subclass
+    with a forward of its own (Phi-3.5-MoE's ``PhimoeTopKRouter(nn.Linear)`` returns routing
+    weights, Gemma's scaled ``nn.Embedding`` multiplies its output) would silently lose it. Only
+    the class is looked at: a forward patched onto an instance (accelerate's hooks) is not.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The base class (``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d`` ... or transformers'
+        ``Conv1D``) when ``module`` is an instance of it whose class redefines ``forward``; None
+        for the base classes themselves, subclasses that keep their forward, and other types.
+    """
+    conv1d = _hf_conv1d_class()
+    for base in (nn.Linear, nn.Embedding, *_CONV_TYPES, *([conv1d] if conv1d is not None else [])):
+        if isinstance(module, base):
+            return base if type(module).forward is not base.forward else None
+    return None
 
 
 def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
@@ -68,6 +99,11 @@ def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str |
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         kind = type(weight).__name__ if not isinstance(weight, torch.Tensor) else weight.dtype
         return f"its weight is {kind}, not a floating-point tensor (already quantized?)"
+    base = overridden_forward(module)
+    if base is not None:
+        return (f"{type(module).__name__} subclasses {base.__name__} but defines its own forward(), "
+                "which a LoRA layer would replace and drop; exclude it, or target its sibling "
+                "modules by name")
     parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):
@@ -80,7 +116,7 @@ def adaptable_names(model: nn.Module, slice_map: dict[str, phi3.FusedSlices]) ->
     """Deduplicated last path components of the modules that can take an adapter, for errors."""
     names: dict[str, None] = {}
     for name, module in model.named_modules():
-        if name and is_supported(module):
+        if name and is_supported(module) and overridden_forward(module) is None:
             names[name.rpartition(".")[2]] = None
             for alias in slice_map.get(name, phi3.FusedSlices([], ())).slice_names:
                 names[alias] = None
@@ -101,8 +137,18 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
 
 
 # -- matching -------------------------------------------------------------------------------------
-def _hits(name: str, spec: list[str] | str | None) -> list[str]:
-    """The entries of ``spec`` that match the qualified module ``name`` (suffix list, or one regex)."""
+def matched_entries(name: str, spec: list[str] | str | None) -> list[str]:
+    """The entries of ``spec`` that select the qualified module path ``name``.
+
+    Args:
+        name: a dotted module path, e.g. ``"model.layers.0.self_attn.qkv_proj"``.
+        spec: a list of names, each matching paths equal to it or ending in ``"." + name`` (so
+            ``"c1"`` does not match ``"fc1"``); or one regex, ``re.fullmatch``-ed against the path;
+            or None (nothing matches).
+
+    Returns:
+        The matching list entries, or ``[spec]`` for a matching regex; empty if none match.
+    """
     if spec is None:
         return []
     if isinstance(spec, str):
@@ -110,9 +156,45 @@ def _hits(name: str, spec: list[str] | str | None) -> list[str]:
     return [t for t in spec if name == t or name.endswith("." + t)]
 
 
+def matches(name: str, spec: list[str] | str | None) -> bool:
+    """True if ``spec`` (a suffix list or one regex, see :func:`matched_entries`) selects ``name``."""
+    return bool(matched_entries(name, spec))
+
+
+def under_any(name: str, patterns: list[str] | None) -> bool:
+    """True if the module path ``name`` is, or lies inside, a module that ``patterns`` names.
+
+    This is ``modules_to_save``: an entry selects a module by dotted suffix, and with it everything
+    below it, so ``"lm_head"`` covers ``"lm_head"`` and ``"model.lm_head.proj"``. It is also how
+    PEFT decides that a module inside a ``modules_to_save`` entry is not a LoRA target.
+
+    Args:
+        name: a dotted module path ("" is the root, which no entry names).
+        patterns: names matched as dotted suffixes of ``name`` or of one of its ancestors.
+    """
+    parts = name.split(".") if name else []
+    return any(matches(".".join(parts[:i]), patterns or []) for i in range(1, len(parts) + 1))
+
+
 def plan_targets(model: nn.Module, config: LoraConfig,
                  targets: list[str] | str) -> dict[str, SliceSpec | None]:
-    """Qualified names of the modules to adapt -> their slice spec (None for a whole module)."""
+    """Which modules of ``model`` get an adapter, checked before anything is replaced.
+
+    Args:
+        model: the model to inject into.
+        config: supplies ``exclude_modules`` and ``layers_to_transform``.
+        targets: ``config.target_modules`` with ``None`` resolved (a suffix list, a regex, or
+            ``"all-linear"``).
+
+    Returns:
+        Qualified module name -> its :class:`SliceSpec` (fused Phi-3 projections) or None (the
+        whole module).
+
+    Raises:
+        ValueError: a target matched nothing (listing what can be adapted); a matched module cannot
+            take an adapter (unsupported type, non-float weight, a forward of its own, an
+            ``nn.MultiheadAttention`` projection); exclusions left nothing.
+    """
     slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
     all_linear = targets == "all-linear"
     head = _output_embedding(model) if all_linear else None
@@ -134,12 +216,12 @@ def plan_targets(model: nn.Module, config: LoraConfig,
         else:
             hit = []
             for candidate in [name] + aliases:
-                matched = _hits(candidate, targets)
+                matched = matched_entries(candidate, targets)
                 used.update(matched)
                 hit.append(bool(matched))
         excl = []
         for candidate in [name] + aliases:
-            matched = _hits(candidate, config.exclude_modules)
+            matched = matched_entries(candidate, config.exclude_modules)
             excluded_by.update(matched)
             excl.append(bool(matched))
         if fused:
@@ -183,9 +265,14 @@ def plan_targets(model: nn.Module, config: LoraConfig,
 
 
 def saved_module_names(model: nn.Module, config: LoraConfig, plan: dict) -> list[str]:
+    """The qualified names of the modules ``config.modules_to_save`` selects (by dotted suffix).
+
+    Raises:
+        ValueError: an entry matched no module, or a selected module contains a LoRA target.
+    """
     names: list[str] = []
     for entry in config.modules_to_save or []:
-        found = [n for n, _ in model.named_modules() if n and _hits(n, [entry])]
+        found = [n for n, _ in model.named_modules() if n and matches(n, [entry])]
         if not found:
             raise ValueError(f"LoraConfig.modules_to_save entry {entry!r} matched no module of "
                              f"{type(model).__name__}")
@@ -196,6 +283,3 @@ def saved_module_names(model: nn.Module, config: LoraConfig, plan: dict) -> list
                                  f"targets {clash}; a module is either trained fully or adapted")
         names += found
     return names
-
-
-# -- building and replacing modules ---------------------------------------------------------------

@@ -1,8 +1,20 @@
-"""The LoRA layers (loralib's names) and the one LoRA computation they share."""
+"""The LoRA layers (loralib's names) and the one LoRA computation they share.
 
-from .lora_layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear,
-                          lora_layers)
-from .functional import enable_input_recompute, lora_linear
+- :mod:`.base`: :class:`LoRALayer` (shared state, merge protocol, ``adapter_params``) and
+  :func:`lora_layers`;
+- :mod:`.linear`, :mod:`.embedding`, :mod:`.conv`: the layers;
+- :mod:`.lora_function`: the one LoRA computation of every linear-like layer (fused and plain);
+- :mod:`.slices`: how a fused projection's adapters are laid out per slice (:func:`iter_slices`);
+- :mod:`.dropout_mask`, :mod:`.recompute`: what the fused path keeps for backward.
+"""
+
+from .base import LoRALayer, lora_layers
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding
+from .linear import Linear, MergedLinear
+from .lora_function import lora_linear
+from .recompute import enable_input_recompute
+from .slices import LoraSlice, iter_slices
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
-           "lora_linear", "enable_input_recompute", "lora_layers"]
+           "lora_linear", "enable_input_recompute", "lora_layers", "LoraSlice", "iter_slices"]

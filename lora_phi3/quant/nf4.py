@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NF4_CODEBOOK", "NF4Tensor", "nf4_quantize", "nf4_dequantize", "nf4_empty", "NF4LinearFunction",
-           "nf4_matmul"]
+__all__ = ["NF4_CODEBOOK", "NF4Tensor", "nf4_quantize", "nf4_dequantize", "nf4_empty", "FLOAT_DTYPES",
+           "DOUBLE_QUANT_BLOCK_SIZE", "chunk_elements", "decode_pairs"]
 
 # QLoRA Appendix E / bitsandbytes: quantiles of N(0, 1) normalised to [-1, 1], with an exact 0.
 NF4_CODEBOOK = (
@@ -33,7 +33,8 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 DOUBLE_QUANT_BLOCK_SIZE = 256  # QLoRA section 3: second-level blocks of 256 constants
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # order is the state_dict encoding
+# The dtypes NF4 quantises from and computes in; the order is the state_dict encoding.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per step of (de)quantisation, bounding its temporaries (about 6 bytes per element):
 # ~6 MiB on CPU, where smaller steps were as fast on an idle machine (slower when cores are
 # contended); larger elsewhere, where every step costs kernel launches.
@@ -84,7 +85,8 @@ def _tables(device: torch.device) -> _Tables:
     return _Tables(*(t.to(device) for t in tables))
 
 
-def _chunk_elements(device: torch.device) -> int:
+def chunk_elements(device: torch.device) -> int:
+    """Elements per step of (de)quantisation on ``device`` (bounds the fp32 temporaries)."""
     return _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
 
 
@@ -127,18 +129,20 @@ class NF4Tensor:
     @property
     def nbytes(self) -> int:
         """Bytes of all stored tensors (codes, scales, second-level scales, offset)."""
-        return sum(t.nbytes for t in self._tensors() if t is not None)
+        return sum(t.nbytes for t in self.storage() if t is not None)
 
-    def _tensors(self) -> tuple:
+    def storage(self) -> tuple:
+        """``(codes, absmax, absmax_scale, absmax_offset)``; the last two None without double quant."""
         return (self.codes, self.absmax, self.absmax_scale, self.absmax_offset)
 
-    def _with_tensors(self, codes, absmax, absmax_scale, absmax_offset) -> "NF4Tensor":
+    def with_storage(self, codes, absmax, absmax_scale, absmax_offset) -> "NF4Tensor":
+        """The same metadata over other storage tensors (e.g. moved ones, or None placeholders)."""
         return dataclasses.replace(self, codes=codes, absmax=absmax, absmax_scale=absmax_scale,
                                    absmax_offset=absmax_offset)  # fmt: skip
 
     def to(self, device) -> "NF4Tensor":
         """Copy to ``device`` (a ``torch.device`` or string). Codes and scales keep their dtypes."""
-        return self._with_tensors(*(None if t is None else t.to(device) for t in self._tensors()))
+        return self.with_storage(*(None if t is None else t.to(device) for t in self.storage()))
 
     def block_absmax(self) -> torch.Tensor:
         """The fp32 per-block scales ``(n_blocks,)``, undoing double quantisation if used."""
@@ -161,8 +165,8 @@ class NF4Tensor:
             state.update(absmax_scale=self.absmax_scale, absmax_offset=self.absmax_offset)
         state["shape"] = torch.tensor(list(self.shape), dtype=torch.int64)
         state["block_size"] = torch.tensor(self.block_size, dtype=torch.int64)
-        state["dtype"] = torch.tensor(_FLOAT_DTYPES.index(self.dtype), dtype=torch.int64)
-        state["compute_dtype"] = torch.tensor(_FLOAT_DTYPES.index(self.compute_dtype), dtype=torch.int64)
+        state["dtype"] = torch.tensor(FLOAT_DTYPES.index(self.dtype), dtype=torch.int64)
+        state["compute_dtype"] = torch.tensor(FLOAT_DTYPES.index(self.compute_dtype), dtype=torch.int64)
         return state
 
     @classmethod
@@ -187,8 +191,8 @@ class NF4Tensor:
             codes=state["codes"], absmax=absmax,
             absmax_scale=state["absmax_scale"].float() if double else None,
             absmax_offset=state["absmax_offset"].float() if double else None,
-            shape=torch.Size(state["shape"].tolist()), dtype=_FLOAT_DTYPES[int(state["dtype"])],
-            block_size=int(state["block_size"]), compute_dtype=_FLOAT_DTYPES[int(state["compute_dtype"])],
+            shape=torch.Size(state["shape"].tolist()), dtype=FLOAT_DTYPES[int(state["dtype"])],
+            block_size=int(state["block_size"]), compute_dtype=FLOAT_DTYPES[int(state["compute_dtype"])],
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -197,8 +201,8 @@ class NF4Tensor:
 
 
 def _check_float_dtype(name: str, dtype) -> None:
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
 
 
 def _check_block_size(shape: torch.Size, block_size) -> None:
@@ -260,7 +264,7 @@ def nf4_quantize(
     blocks = w.detach().reshape(n_blocks, block_size)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
     indices = torch.empty(n_blocks, block_size, dtype=torch.uint8, device=w.device)
-    step = max(1, _chunk_elements(w.device) // block_size)
+    step = max(1, chunk_elements(w.device) // block_size)
     for start in range(0, n_blocks, step):  # chunked so fp32 temporaries stay small
         chunk = blocks[start : start + step].float().contiguous()  # a transposed weight: bucketize wants rows
         chunk_max = chunk.abs().amax(dim=1)
@@ -350,7 +354,7 @@ def nf4_dequantize(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     total = n_blocks * size
     # One spare element for an odd count, so every chunk is a whole number of 8-byte pairs.
     out = torch.empty(total + total % 2, dtype=dtype, device=q.device)
-    step = max(2, (_chunk_elements(q.device) // size) & ~1)  # even block count: each chunk starts on a byte
+    step = max(2, (chunk_elements(q.device) // size) & ~1)  # even block count: each chunk starts on a byte
     scratch = None
     if dtype != torch.float32:  # fp32 staging buffer, reused by every chunk
         scratch = torch.empty(min(step * size, out.numel()), dtype=torch.float32, device=q.device)
@@ -368,127 +372,14 @@ def nf4_dequantize(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     return out[:total].view(q.shape)
 
 
-def _row_step(q: NF4Tensor) -> Optional[int]:
-    """Rows of ``W`` per step of the slab-wise product, or None to dequantise ``W`` whole.
-
-    Slabs need byte-aligned rows (an even ``in_features``); a weight that fits one chunk is
-    simply dequantised whole.
-    """
-    out_f, in_f = q.shape
-    chunk = _chunk_elements(q.device)
-    if in_f % 2 or out_f * in_f <= chunk:
-        return None
-    return max(1, chunk // in_f)
-
-
-def _dequantize_rows(q: NF4Tensor, absmax: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``r0:r1`` of ``dequant(q)``, ``(r1 - r0, in_features)``; ``absmax``: decoded block scales."""
-    in_f = q.shape[1]
-    per_row = in_f // q.block_size
-    rows = dataclasses.replace(q, codes=q.codes[r0 * in_f // 2 : r1 * in_f // 2],
-                               absmax=absmax[r0 * per_row : r1 * per_row], absmax_scale=None,
-                               absmax_offset=None, shape=torch.Size((r1 - r0, in_f)))  # fmt: skip
-    return nf4_dequantize(rows, dtype)
-
-
-def _dequantize_cols(q: NF4Tensor, absmax: torch.Tensor, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Columns ``c0:c1`` of ``dequant(q)``, ``(out_features, c1 - c0)``; both bounds multiples of
-    the block size and even, so the slab is whole blocks and whole bytes of every row."""
-    out_f, in_f = q.shape
-    size = q.block_size
-    byte_index = q.codes.view(out_f, in_f // 2)[:, c0 // 2 : c1 // 2].reshape(-1).int()
-    values = torch.index_select(_tables(q.device).pair_words, 0, byte_index).view(torch.float32)
-    values = values.view(out_f, (c1 - c0) // size, size)
-    values.mul_(absmax.view(out_f, in_f // size)[:, c0 // size : c1 // size, None])  # fp32 product
-    return values.view(out_f, c1 - c0).to(dtype)
-
-
-class NF4LinearFunction(torch.autograd.Function):
-    """``y = x @ dequant(W).T + bias`` in ``q.compute_dtype``; only the NF4 storage is saved.
-
-    Backward dequantises ``W`` again instead of keeping the dense copy alive between forward and
-    backward (QLoRA section 3). The frozen weight gets no gradient. A weight larger than one
-    dequantisation chunk is never dense as a whole: the forward takes it in slabs of rows
-    (``y[..., rows] = x @ W[rows].T``) and the backward in slabs of whole-block columns
-    (``grad_x[..., cols] = grad_y @ W[:, cols]``), so each output element is still one full dot
-    product and the transient weight is one slab (a few MiB, reused by the allocator).
-
-    Usage: ``NF4LinearFunction.apply(x, q, bias)`` with ``x`` ``(..., in_features)``, ``q`` an
-    NF4Tensor of shape ``(out_features, in_features)`` and ``bias`` ``(out_features,)`` or None.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        _check_linear_args(x, q, bias)
-        ct = q.compute_dtype
-        xc, b = x.to(ct), None if bias is None else bias.to(ct)
-        step = _row_step(q)
-        if step is None:
-            out = F.linear(xc, q.dequantize(ct), b)  # (out_features, in_features) weight, whole
-        else:
-            out_f = q.shape[0]
-            absmax = q.block_absmax()
-            out = xc.new_empty(*x.shape[:-1], out_f)
-            for r0 in range(0, out_f, step):
-                r1 = min(r0 + step, out_f)
-                part = F.linear(xc, _dequantize_rows(q, absmax, r0, r1, ct), None if b is None else b[r0:r1])
-                out.narrow(-1, r0, r1 - r0).copy_(part)
-        ctx.save_for_backward(*q._tensors())
-        ctx.q = q._with_tensors(None, None, None, None)  # metadata only; tensors come from saved
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            q = ctx.q._with_tensors(*ctx.saved_tensors)
-            ct = q.compute_dtype
-            g = grad_out.to(ct)
-            step = _row_step(q)
-            if step is None:
-                grad_x = g @ q.dequantize(ct)
-            else:
-                out_f, in_f = q.shape
-                absmax = q.block_absmax()
-                unit = q.block_size * (2 if q.block_size % 2 else 1)  # whole blocks, whole bytes
-                cols = max(unit, _chunk_elements(q.device) // out_f // unit * unit)
-                grad_x = g.new_empty(*g.shape[:-1], in_f)
-                for c0 in range(0, in_f, cols):
-                    c1 = min(c0 + cols, in_f)
-                    grad_x.narrow(-1, c0, c1 - c0).copy_(g @ _dequantize_cols(q, absmax, c0, c1, ct))
-            grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias
-
-
-def _check_linear_args(x: torch.Tensor, q: NF4Tensor, bias: Optional[torch.Tensor]) -> None:
-    if not isinstance(q, NF4Tensor):
-        raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
-    if len(q.shape) != 2:
-        raise ValueError(f"q must hold a 2-D (out_features, in_features) weight, got shape {tuple(q.shape)}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() == 0 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"x must have shape (..., in_features={q.shape[1]}), got {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (q.shape[0],):
-        raise ValueError(f"bias must have shape ({q.shape[0]},) (out_features), got {tuple(bias.shape)}")
-
-
-def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ dequant(q).T + bias`` with gradients for ``x`` (and ``bias``); see NF4LinearFunction.
+def decode_pairs(byte_index: torch.Tensor) -> torch.Tensor:
+    """The fp32 code book values of packed NF4 bytes, both nibbles at once (high first).
 
     Args:
-        x: ``(..., in_features)`` float tensor.
-        q: NF4Tensor of shape ``(out_features, in_features)``.
-        bias: ``(out_features,)`` or None.
+        byte_index: int32 ``(n,)`` indices of packed code bytes.
 
     Returns:
-        ``(..., out_features)`` in ``q.compute_dtype``.
-
-    Raises:
-        TypeError / ValueError: wrong argument types or shapes.
+        fp32 ``(2 * n,)``: the unscaled values, in element order.
     """
-    return NF4LinearFunction.apply(x, q, bias)
+    return torch.index_select(_tables(byte_index.device).pair_words, 0, byte_index).view(torch.float32)
+

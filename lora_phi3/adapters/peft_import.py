@@ -1,0 +1,301 @@
+"""Import Hugging Face PEFT LoRA adapters, after checking all of them against the model.
+
+A PEFT file holds one ``lora_A`` ``(R, in)`` / ``lora_B`` ``(out, R)`` pair per module (the format is
+described in :mod:`.peft_export`). Into an injected model each pair is mapped exactly onto the
+layer's own layout (a fused update onto per-slice adapters, rank padding, a block-diagonal ``B``
+back to its slices) or refused; a bare model is first injected with a config derived from the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import LoraConfig
+from ..inject import phi3
+from ..inject.injector import inject_lora
+from ..inject.matching import is_hf_conv1d
+from ..layers import Embedding, Linear, LoRALayer, MergedLinear, lora_layers
+from .peft_export import (PEFT_CONFIG_FILE, PEFT_PREFIX, PEFT_WEIGHTS_FILE, compress_targets,
+                          json_number, peft_targetable)
+from .state import adapter_param_keys, adapter_state_dict, injected_preview, is_bare
+from .validate import decode_safetensors, non_float_keys, read_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["import_peft"]
+
+# LoRA variants whose forward differs from plain LoRA: refused on import rather than mis-loaded.
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+                "kasa_config", "monteclora_config")
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)"
+                      r"(?:\.(?P<adapter>[^.]+))?$")
+
+
+def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool) \
+                or cfg[field] <= 0:
+            raise ValueError(f"{where}: {field} must be a positive number, got {cfg.get(field)!r}")
+    for field in _UNSUPPORTED:
+        if cfg.get(field):
+            raise ValueError(f"{where}: {field}={cfg[field]!r} is a LoRA variant this library does "
+                             f"not implement; only plain LoRA loads (set {field} to false/null)")
+
+
+def _pattern_value(pattern: dict[str, Any], module: str) -> Any:
+    # PEFT's get_pattern_key: the first key matching the end of the module path.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _peft_scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module) or cfg["lora_alpha"]
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def _group_keys(tensors: dict[str, torch.Tensor], where: str):
+    """Split PEFT keys into ``{module: {"A", "B", "embedding"}}`` and other model keys."""
+    modules: dict[str, dict[str, Any]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    adapters: set[str] = set()
+    for key, t in tensors.items():
+        k = key.removeprefix(PEFT_PREFIX)
+        if "lora_magnitude_vector" in k:
+            raise ValueError(f"{where}: {key} is a DoRA magnitude; DoRA is not supported")
+        m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
+        if m:
+            if m["adapter"]:
+                adapters.add(m["adapter"])
+            entry = modules.setdefault(m["mod"], {"embedding": "embedding" in m["which"]})
+            entry[m["which"][-1]] = t
+            continue
+        k = re.sub(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)", ".", k)
+        extras[k.replace(".base_layer.", ".")] = t
+    if len(adapters) > 1:
+        raise ValueError(f"{where}: the file holds several adapters {sorted(adapters)}; "
+                         "export one at a time")
+    for name, entry in modules.items():
+        if "A" not in entry or "B" not in entry:
+            raise ValueError(f"{where}: module {name} has only lora_{'A' if 'A' in entry else 'B'}")
+    return modules, extras
+
+
+def _base_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a base module as PEFT's A/B see it (A: (r, in), B: (out, r))."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_hf_conv1d(module):
+        return tuple(module.weight.shape)  # (in, out): fan_in_fan_out
+    return None
+
+
+def _fit(name: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, s_peft: float,
+         problems: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Express PEFT's ``s_peft * B @ A`` exactly in ``layer``'s own layout, or report why not."""
+    if isinstance(layer, MergedLinear):
+        slices, out = layer.lora_slices, layer.out_features
+    elif isinstance(layer, Embedding):
+        slices, out = [(0, layer.embedding_dim)], layer.embedding_dim
+    elif isinstance(layer, Linear):
+        slices, out = [(0, layer.out_features)], layer.out_features
+    else:
+        problems.append(f"{name}: PEFT adapters load into Linear, MergedLinear and Embedding "
+                        f"layers, not {type(layer).__name__}")
+        return None
+    in_dim, r = layer.lora_A.shape[1], layer.r
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_dim or B.shape[0] != out \
+            or A.shape[0] != B.shape[1]:
+        problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, lora_B "
+                        f"{tuple(B.shape)}; model needs lora_A (rank, {in_dim}), lora_B ({out}, rank)")
+        return None
+    covered = torch.zeros(out, dtype=torch.bool)
+    for start, size in slices:
+        covered[start:start + size] = True
+    if (B[~covered] != 0).any():
+        problems.append(f"{name}: the file updates output rows the model's MergedLinear does not "
+                        f"adapt (enable_lora={getattr(layer, 'enable_lora', None)})")
+        return None
+    ratio = s_peft / layer.scaling
+    As, Bs = [], []
+    for start, size in slices:
+        Ai, Bi = A, B[start:start + size]
+        cols = (Bi != 0).any(0).nonzero().flatten()
+        if cols.numel() > r:
+            problems.append(f"{name}: rows [{start}, {start + size}) need rank {cols.numel()} "
+                            f"but the model's layer has r={r}")
+            return None
+        if 0 < cols.numel() < A.shape[0]:
+            # Only these columns of B act on this slice (e.g. one block of a block-diagonal
+            # export): keep them and their rows of A, which recovers per-slice factors exactly.
+            Ai, Bi = A[cols], Bi[:, cols]
+        elif A.shape[0] > r:  # an all-zero slice (untrained B): any r rows of A keep it trainable
+            Ai, Bi = A[:r], Bi[:, :r]
+        Ai = F.pad(Ai.float(), (0, 0, 0, r - Ai.shape[0]))
+        Bi = F.pad(Bi.float(), (0, r - Bi.shape[1]))
+        As.append(Ai)
+        Bs.append(Bi if ratio == 1.0 else Bi * ratio)
+    return (torch.cat(As).to(layer.lora_A.dtype), torch.cat(Bs).to(layer.lora_B.dtype))
+
+
+def _nonzero_cols(B: torch.Tensor) -> int:
+    return int((B != 0).any(0).sum())
+
+
+def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
+                    model: nn.Module) -> LoraConfig:
+    """The LoraConfig that, injected into the bare ``model``, holds the PEFT adapter exactly.
+
+    On Phi-3 a fused module gets adapters only on the slices whose rows of ``B`` are non-zero
+    (all of them if ``B`` is all zero), so our own per-slice export comes back as it was. The rank
+    is the most non-zero ``B`` columns any slice needs (PEFT's rank if ``B`` is all zero).
+    """
+    slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
+    candidates: dict[str, set[str]] = {}
+    for n, m in model.named_modules():
+        if n and peft_targetable(m):
+            candidates.setdefault(n.rpartition(".")[2], set()).add(n)
+        prefix = n[: len(n) - len(n.rpartition(".")[2])]
+        for alias in slice_map[n].slice_names if n in slice_map else ():
+            candidates.setdefault(alias, set()).add(prefix + alias)
+    chosen, rank = [], 0
+    for name in sorted(modules):
+        B = modules[name]["B"]
+        fused = slice_map.get(name)
+        if fused is None:
+            chosen.append(name)
+            rank = max(rank, _nonzero_cols(B))
+            continue
+        offsets = [sum(fused.split_sizes[:i]) for i in range(len(fused.split_sizes))]
+        parts = [B[o:o + s] for o, s in zip(offsets, fused.split_sizes)]
+        live = [i for i, part in enumerate(parts) if (part != 0).any()] or list(range(len(parts)))
+        prefix = name[: len(name) - len(name.rpartition(".")[2])]
+        chosen += [name] if len(live) == len(parts) else [prefix + fused.slice_names[i] for i in live]
+        rank = max([rank] + [_nonzero_cols(parts[i]) for i in live])
+    rank = rank or max(e["A"].shape[0] for e in modules.values())
+    first = sorted(modules)[0]
+    s_ref = _peft_scaling(cfg, first, modules[first]["A"].shape[0])
+    to_save = cfg.get("modules_to_save") or None
+    return LoraConfig(r=rank, lora_alpha=json_number(s_ref * rank),
+                      lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+                      target_modules=compress_targets(chosen, candidates),
+                      bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,
+                      fan_in_fan_out=bool(cfg.get("fan_in_fan_out")))
+
+
+def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model``, after checking all of it.
+
+    A model without LoRA layers is first injected with a config derived from the file (the
+    adapted modules, on Phi-3 only the slices the file updates, the rank its non-zero ``B``
+    columns need, ``lora_alpha`` keeping the scaling); the file is checked against a weightless
+    preview of that injection before the model is touched. Into an
+    already-injected model each PEFT pair is mapped exactly onto the layer's layout (a fused
+    PEFT update onto per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices)
+    or refused. Keys may carry the ``base_model.model.`` prefix and an adapter name
+    (``lora_A.default.weight``).
+
+    Args:
+        model: a transformers model (e.g. ``Phi3ForCausalLM``) or any module.
+        path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        strict: refuse model LoRA layers that the file does not cover.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: on any problem (unsupported variant, missing/unexpected/mis-shaped keys,
+            non-float tensors, corrupt file); the model is then unchanged.
+    """
+    path = Path(path)
+    where = f"PEFT adapter {str(path)!r}"
+    cfg_path, st_path = path / PEFT_CONFIG_FILE, path / PEFT_WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise ValueError(f"{where} lacks {PEFT_CONFIG_FILE!r}")
+    if not st_path.is_file():
+        hint = (" (it has adapter_model.bin, a pickle; re-save it with PEFT's "
+                "save_pretrained(safe_serialization=True))" if (path / "adapter_model.bin").exists() else "")
+        raise ValueError(f"{where} lacks {PEFT_WEIGHTS_FILE!r}{hint}")
+    cfg = read_json(cfg_path)
+    _check_peft_config(cfg, where)
+    tensors = decode_safetensors(st_path.read_bytes(), str(st_path))
+    bad = non_float_keys(tensors)
+    if bad:
+        raise ValueError(f"{where}: non-floating tensors {bad}")
+    modules, extras = _group_keys(tensors, where)
+    if not modules:
+        raise ValueError(f"{where} holds no lora_A/lora_B tensors")
+    if cfg.get("init_lora_weights") == "loftq" or cfg.get("loftq_config"):
+        logger.warning("%s was trained with LoftQ: it expects the LoftQ-initialised base weights", where)
+
+    target, derived = model, None
+    if is_bare(model):
+        named, problems = dict(model.named_modules()), []
+        for name, entry in modules.items():
+            dims = _base_dims(named[name]) if name in named else None
+            if dims is None:
+                problems.append(f"module {name} does not exist in the model or is not linear/embedding")
+            elif entry["A"].dim() != 2 or entry["B"].dim() != 2 or \
+                    (entry["A"].shape[1], entry["B"].shape[0]) != dims:
+                problems.append(f"shape mismatch for {name}: file lora_A {tuple(entry['A'].shape)}, "
+                                f"lora_B {tuple(entry['B'].shape)}; the model's (in, out) is {dims}")
+        problems += _extra_problems(model.state_dict(), extras)
+        if problems:
+            raise ValueError(f"{where} does not fit the model (nothing was changed): "
+                             + "; ".join(problems))
+        derived = _derived_config(cfg, modules, model)
+        target = injected_preview(model, derived)  # validate against a weightless copy
+
+    layers, problems, to_load = lora_layers(target), [], {}
+    unexpected = sorted(set(modules) - set(layers))
+    missing = sorted(set(layers) - set(modules))
+    if unexpected:
+        problems.append(f"unexpected modules (no LoRA layer in the model) {unexpected}")
+    if strict and missing:
+        problems.append(f"missing modules (LoRA layers the file does not cover) {missing}")
+    for name in sorted(set(modules) & set(layers)):
+        A, B = modules[name]["A"], modules[name]["B"]
+        fitted = _fit(name, layers[name], A, B, _peft_scaling(cfg, name, A.shape[0]), problems)
+        if fitted is not None:
+            to_load[f"{name}.lora_A"], to_load[f"{name}.lora_B"] = fitted
+    expected_extras = set(adapter_state_dict(target)) - adapter_param_keys(target)
+    if strict and expected_extras - set(extras):
+        problems.append(f"missing keys {sorted(expected_extras - set(extras))}")
+    problems += _extra_problems(target.state_dict(), extras)
+    if problems:
+        raise ValueError(f"{where} does not fit the model (nothing was changed): " + "; ".join(problems))
+    if derived is not None:
+        inject_lora(model, derived)
+    state = model.state_dict()
+    to_load.update({k: v.to(state[k].dtype) for k, v in extras.items() if k in state})
+    with torch.no_grad():
+        model.load_state_dict(to_load, strict=False)  # LoRA layers unmerge/re-merge themselves
+    logger.info("imported %d PEFT modules (+%d other tensors) from %s", len(modules), len(extras), path)
+    return model
+
+
+def _extra_problems(state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    unknown = sorted(k for k in extras if k not in state)
+    if unknown:
+        problems.append(f"unexpected keys {unknown}")
+    for k, t in extras.items():
+        if k in state and tuple(state[k].shape) != tuple(t.shape):
+            problems.append(f"shape mismatch for {k}: file {tuple(t.shape)}, model "
+                            f"{tuple(state[k].shape)}")
+    return problems

@@ -1,0 +1,159 @@
+"""Reading adapter files safely, and checking what they hold against a model before it changes.
+
+Shared by our adapter format (:mod:`.files`) and the PEFT import (:mod:`.peft_import`). Tensor files
+are decoded by the safetensors library, which already refuses every malformed header (truncation,
+bad JSON, unknown dtypes, offsets past the end, overlapping or gapped data); what it lacks, and is
+checked here, is that an adapter holds floating-point tensors only, and that they fit the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as st_load
+
+from ..config import LoraConfig
+from ..layers import lora_layers
+from .state import adapter_state_dict, module_meta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FLOAT_DTYPES", "dtype_name", "decode_safetensors", "read_json", "non_float_keys",
+           "check_against_model", "check_modules", "check_config", "check_modules_exist"]
+
+# The dtypes an adapter tensor may have (anything else is refused, never cast).
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# LoraConfig fields that must agree between a file and the model under strict loading.
+_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
+                  "bias", "modules_to_save")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the spelling adapter json files use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def decode_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """Decode a safetensors buffer (never unpickles anything).
+
+    Args:
+        data: the whole file.
+        where: the file's name, for messages.
+
+    Returns:
+        ``{key: tensor}``.
+
+    Raises:
+        ValueError: for any malformed buffer, naming ``where`` and the decoder's reason.
+    """
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors_rust.SafetensorError, which it does not export
+        reason = str(e).removeprefix("Error while deserializing: ")
+        if "JSON" in reason or "UTF-8" in reason:
+            raise ValueError(f"{where}: safetensors header is not valid JSON for the format "
+                             f"({reason})") from None
+        raise ValueError(f"{where}: not a safetensors file, or truncated or corrupt "
+                         f"({reason}; {len(data)} bytes)") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        ValueError: the file cannot be read, is not JSON, or is not an object; names ``path``.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def non_float_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """``"key (dtype)"`` for every tensor whose dtype is not in :data:`FLOAT_DTYPES`."""
+    return [f"{k} ({dtype_name(t.dtype)})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
+
+
+def check_against_model(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool,
+                        where: str) -> list[str]:
+    """Compare file tensors with the model's adapter tensors; return the problems found.
+
+    Shapes and dtypes are always checked (float to float is cast, and logged); missing and
+    unexpected keys only when ``strict``.
+    """
+    expected = adapter_state_dict(model)
+    problems, casts = [], []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if strict and missing:
+        problems.append(f"missing keys {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if not strict and (missing or unexpected):
+        logger.warning("%s: strict=False: ignoring missing keys %s and unexpected keys %s",
+                       where, missing, unexpected)
+    for key in sorted(set(expected) & set(tensors)):
+        want, got = expected[key], tensors[key]
+        if tuple(want.shape) != tuple(got.shape):
+            problems.append(f"shape mismatch for {key}: file {tuple(got.shape)}, "
+                            f"model {tuple(want.shape)}")
+        elif got.dtype not in FLOAT_DTYPES:
+            problems.append(f"{key}: dtype {dtype_name(got.dtype)} is not a floating dtype")
+        elif got.dtype != want.dtype:
+            casts.append(f"{key} {dtype_name(got.dtype)}->{dtype_name(want.dtype)}")
+    if casts and not problems:
+        logger.warning("%s: casting %d tensor(s) to the model's dtype: %s", where, len(casts),
+                       ", ".join(casts[:8]) + (" ..." if len(casts) > 8 else ""))
+    return problems
+
+
+def check_modules(model: nn.Module, modules: dict[str, Any]) -> list[str]:
+    """Problems where a file's per-module facts (kind, rank, scaling, slices) differ from the model's."""
+    problems = []
+    layers = lora_layers(model)
+    for name, saved in modules.items():
+        module = layers.get(name)
+        if module is None:
+            continue  # reported as unexpected keys
+        have = module_meta(module)
+        diff = {k: (saved.get(k), have[k]) for k in ("kind", "r", "scaling", "split_sizes",
+                                                     "enable_lora", "fan_in_fan_out")
+                if k in have and saved.get(k) != have[k]}
+        if diff:
+            problems.append(f"module {name} differs (file, model): {diff}")
+    return problems
+
+
+def check_config(model_cfg: LoraConfig | None, saved: dict[str, Any] | None) -> list[str]:
+    """A problem if the saved config differs from the model's in a field that shapes the adapter."""
+    if model_cfg is None or saved is None:
+        return []
+    have = model_cfg.to_dict()
+    diff = {k: (saved.get(k), have.get(k)) for k in _CONFIG_FIELDS if saved.get(k) != have.get(k)}
+    return [f"LoraConfig differs (file, model): {diff}"] if diff else []
+
+
+def check_modules_exist(model: nn.Module, modules: dict[str, Any]) -> list[str]:
+    """Before injecting into a bare model: every saved module must exist with matching shapes."""
+    problems = []
+    named = dict(model.named_modules())
+    for name, meta in modules.items():
+        module = named.get(name)
+        if module is None:
+            problems.append(f"module {name} (in the file) does not exist in the model")
+            continue
+        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim",
+                     "in_channels", "out_channels"):
+            if attr in meta and hasattr(module, attr) and getattr(module, attr) != meta[attr]:
+                problems.append(f"module {name}: {attr} is {getattr(module, attr)} in the model, "
+                                f"{meta[attr]} in the file")
+    return problems

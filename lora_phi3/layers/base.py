@@ -1,0 +1,210 @@
+"""What every LoRA layer shares: its state, the merge/unmerge protocol and which parameters are its own.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685) freezes a pretrained weight ``W`` and learns a low-rank
+update ``delta W = B @ A * scaling`` with ``A`` of shape ``(r, in)``, ``B`` of shape ``(out, r)`` and
+``scaling = lora_alpha / r`` (section 4.1). ``B`` starts at zero, so training starts from the
+pretrained function.
+
+:class:`LoRALayer` is a mixin put before the torch module in each layer's bases; each layer adds
+only its shapes, its :meth:`~LoRALayer.delta_weight` (the single source of the dense update, used
+by merge and by the tests) and its forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LoRALayer", "lora_layers", "check_lora_args", "new_lora_param"]
+
+
+def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    """Raise ``ValueError`` naming the bad value of ``r``, ``lora_alpha`` or ``lora_dropout``."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an int >= 0 (0 means no adapter), got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
+            or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+
+
+def new_lora_param(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A zero-filled adapter parameter (initialised by ``reset_lora_parameters``)."""
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device))
+
+
+class LoRALayer(nn.Module):
+    """Mixin holding the LoRA state shared by every layer and the merge/unmerge protocol.
+
+    Put it before the torch module in a layer's bases (``class Linear(LoRALayer, nn.Linear)``): its
+    ``super()`` calls then reach that module.
+
+    Attributes:
+        r: rank of the update; 0 means the layer behaves exactly like its torch module.
+        lora_alpha: numerator of the scaling.
+        scaling: ``lora_alpha / r``, computed once here.
+        lora_dropout: ``nn.Dropout`` (or ``nn.Identity`` for p=0) applied to the adapter's input.
+            A module, not a lambda, so layers pickle and deepcopy.
+        merged: True while ``delta_weight()`` is folded into ``weight``.
+        merge_weights: if True, ``eval()`` merges and ``train()`` unmerges, as in loralib.
+        lora_disabled: if True, the forward skips the adapter (see ``inject.disable_lora``).
+    """
+
+    r: int
+    weight: torch.Tensor | None
+
+    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
+        check_lora_args(r, lora_alpha, lora_dropout)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.merge_weights = merge_weights
+        self.merged = False
+        self.lora_disabled = False
+
+    # -- the dense update: one method per layer type -------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling * B @ A`` in ``weight``'s layout, in fp32 (fp64 for fp64 adapters)."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """The torch module's own init (next in the MRO), then the adapter's, as loralib does.
+
+        loralib's constructors call this once more after creating ``A`` and ``B``, so a layer built
+        under ``torch.manual_seed(s)`` draws base weight, bias, base weight, bias, ``A``: ours too.
+        A layer whose base is not a dense weight (a quantized one) resets only its adapter.
+        """
+        if self._parameters.get("weight") is not None:
+            super().reset_parameters()  # type: ignore[misc]  # the torch module's, next in the MRO
+        if hasattr(self, "lora_A"):
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Section 4.1 of the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # -- which parameters are the adapter's: the one answer, asked of the layer -------------------
+    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """This layer's own adapter parameters by attribute name (empty for ``r == 0``).
+
+        Callers (``mark_only_lora_as_trainable``, ``lora_state_dict``, adapter files, PEFT export)
+        ask the layer rather than matching ``"lora_"`` in names, so a new variant that adds a
+        parameter (a DoRA magnitude, a second adapter) declares it here and nowhere else.
+        """
+        params = self._parameters
+        return {n: params[n] for n in self.adapter_param_names if params.get(n) is not None}
+
+    @property
+    def lora_active(self) -> bool:
+        """True when the forward must add the adapter's output (rank > 0, not merged, not disabled)."""
+        return self.r > 0 and not self.merged and not self.lora_disabled
+
+    @staticmethod
+    def _acc(t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the dtype the update is formed in: fp32, or fp64 for fp64 adapters."""
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    # -- merge protocol --------------------------------------------------------------------------
+    def dense_base_weight(self) -> torch.Tensor:
+        """The frozen base weight as a dense tensor in ``weight``'s layout (a dense layer's own
+        ``weight``; a quantized base dequantises)."""
+        return self.weight
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """What :meth:`merge` stores: ``W + delta_weight()`` formed in fp32, rounded once to ``W``'s dtype.
+
+        ``merge_lora`` checks every layer's merged weight for NaN/Inf with this before any merge.
+        """
+        base = self.dense_base_weight()
+        delta = self.delta_weight()
+        return (base.to(delta.dtype) + delta).to(base.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the update into ``weight``. Idempotent.
+
+        The sum is formed in fp32 and rounded once to the weight's dtype (:meth:`merged_weight`).
+
+        Raises:
+            ValueError: with ``safe_merge=True``, if the merged weight would hold NaN or Inf; the
+                weight is left untouched.
+        """
+        if self.merged or self.r == 0:
+            return
+        merged = self.merged_weight()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"safe_merge refused {type(self).__name__}: the merged weight would "
+                             "contain NaN or Inf; the weight is unchanged")
+        self._store_merged(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of ``weight`` again, restoring the original bits. Idempotent."""
+        if not self.merged:
+            return
+        self._restore_unmerged()
+        self.merged = False
+
+    def _store_merged(self, merged: torch.Tensor) -> None:
+        # In place. Where rounding would keep unmerge from landing exactly on the original value
+        # (it happens when W + delta moves to a coarser binade), the original values are kept
+        # aside as a sparse (indices, values) pair, so unmerge restores the weight bit for bit
+        # however many eval/train cycles run (loralib drifts by ~4e-3 over 50 in bf16).
+        delta = self.delta_weight()
+        round_trip = (merged.to(delta.dtype) - delta).to(self.weight.dtype)
+        lost = (round_trip != self.weight).flatten().nonzero().squeeze(1)
+        self._unmerge_fix = (lost, self.weight.flatten()[lost].clone())
+        self.weight.copy_(merged)
+
+    def _restore_unmerged(self) -> None:
+        delta = self.delta_weight()
+        restored = (self.weight.to(delta.dtype) - delta).to(self.weight.dtype)
+        lost, values = getattr(self, "_unmerge_fix", (None, None))
+        if lost is not None and lost.numel():
+            restored.view(-1)[lost.to(restored.device)] = values.to(restored.device)
+        self.weight.copy_(restored)
+        self._unmerge_fix = (None, None)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            self.unmerge() if mode else self.merge()
+        return self
+
+    # -- state dict ------------------------------------------------------------------------------
+    _legacy_keys: dict[str, str] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Loading while merged would leave the old delta baked into `weight` (loralib #190-style
+        # corruption on the next train()). Unmerge first, load, then merge the new delta.
+        was_merged = self.merged
+        self.unmerge()
+        for old, new in self._legacy_keys.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_merged:
+            self.merge()
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, r={self.r}, lora_alpha={self.lora_alpha}" if self.r > 0 else base
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Qualified name -> LoRA layer, for every layer of ``model`` holding an adapter (``r > 0``).
+
+    The single answer to "which layers carry an adapter"; ``inject.lora_modules`` is this.
+    """
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, LoRALayer) and m.r > 0 and m.adapter_params()}

@@ -1,0 +1,71 @@
+"""``Embedding``: LoRA on an embedding table, with loralib's shapes and init."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import LoRALayer, new_lora_param
+
+__all__ = ["Embedding"]
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` with a LoRA update on the embedding table.
+
+    Shapes (loralib's): ``lora_A`` is ``(r, num_embeddings)`` initialised to zeros and ``lora_B`` is
+    ``(embedding_dim, r)`` initialised normal, so the update still starts at zero. The delta table is
+    ``(B @ A).T * scaling`` of shape ``(num_embeddings, embedding_dim)``. As in loralib, dropout is
+    not applied to an embedding's adapter (its input is indices).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        self._setup(r, lora_alpha, merge_weights, lora_dtype)
+        self.reset_parameters()  # loralib's order: table (again), then the adapter
+
+    def _setup(self, r, lora_alpha, merge_weights, lora_dtype) -> None:
+        self._init_lora(r, lora_alpha, 0.0, merge_weights)
+        if r > 0:
+            dtype, device = lora_dtype or self.weight.dtype, self.weight.device
+            self.lora_A = new_lora_param((r, self.num_embeddings), dtype, device)
+            self.lora_B = new_lora_param((self.embedding_dim, r), dtype, device)
+            self.weight.requires_grad = False
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, r: int = 0, lora_alpha: float = 1,
+                       merge_weights: bool = True, lora_dtype: torch.dtype | None = None) -> "Embedding":
+        """Wrap an existing ``nn.Embedding``, sharing (not copying) its table."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for name in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"):
+            setattr(self, name, getattr(embedding, name))
+        self.weight = embedding.weight
+        self._setup(r, lora_alpha, merge_weights, lora_dtype)
+        if r > 0:
+            self.reset_lora_parameters()
+        return self
+
+    def reset_lora_parameters(self) -> None:
+        # loralib's choice for embeddings: A = 0 and B normal (the delta still starts at zero).
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self._acc(self.lora_B) @ self._acc(self.lora_A)).T * self.scaling  # (num_embeddings, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices ``(...)`` -> embeddings ``(..., embedding_dim)``."""
+        result = nn.Embedding.forward(self, x)  # (..., dim)
+        if not self.lora_active:
+            return result
+        # Row lookup in A.T gives x's rank-r codes without forming the dense delta table.
+        after_A = F.embedding(x, self.lora_A.T, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)  # (..., r)
+        return result + (F.linear(after_A, self.lora_B) * self.scaling).to(result.dtype)

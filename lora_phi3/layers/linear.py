@@ -1,0 +1,288 @@
+"""``Linear`` and ``MergedLinear``: LoRA on linear layers and on single slices of fused projections.
+
+Both are ``nn.Linear`` subclasses with loralib's names, arguments and ``weight``/``bias`` keys, and
+both run the one LoRA computation (:func:`~lora_phi3.layers.lora_function.apply_lora_linear`) over
+their slices: ``Linear`` is the one-slice case. How the frozen base weight is stored is a property
+of the base, not of the class:
+
+- a dense ``weight`` Parameter (what the constructors, ``from_linear`` and loralib build);
+- or ``weight`` is None and ``quantized_weight`` is a module holding the frozen
+  ``(out_features, in_features)`` weight in another format (e.g.
+  :class:`~lora_phi3.quant.NF4Weight`), with ``matmul(x, bias)`` and ``dequantize()``. Merging
+  then stores a dense merged ``weight`` beside it, and unmerging drops it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .base import LoRALayer, new_lora_param
+from .lora_function import apply_lora_linear, base_linear
+from .slices import LoraSlice, iter_slices
+
+__all__ = ["Linear", "MergedLinear"]
+
+
+class _LinearLoRA(LoRALayer, nn.Linear):
+    """What ``Linear`` and ``MergedLinear`` share: the base, construction, the forward and the delta."""
+
+    fan_in_fan_out: bool
+    lora_slices: tuple[tuple[int, int], ...]  # (start, size) of each adapted output slice
+
+    @property
+    def quantized_weight(self) -> nn.Module | None:
+        """The module holding the frozen base when it is not a dense ``weight`` (else None)."""
+        return self._modules.get("quantized_weight")
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def _wrap(cls, linear: nn.Module, fan_in_fan_out: bool):
+        """A bare instance sharing ``linear``'s weight and bias; the caller runs ``_setup``."""
+        weight = linear.weight
+        if weight.dim() != 2:
+            raise ValueError(f"from_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        shape = weight.shape[::-1] if fan_in_fan_out else weight.shape  # (out, in)
+        self = cls._bare(*shape, getattr(linear, "bias", None))
+        self.weight = weight
+        return self
+
+    @classmethod
+    def with_base(cls, base: nn.Module, bias: torch.Tensor | None, **lora_kwargs: Any):
+        """A layer over a frozen base stored by ``base`` (e.g. an NF4 weight), sharing ``bias``.
+
+        Args:
+            base: a module holding the frozen ``(out_features, in_features)`` weight, with
+                ``shape``, ``compute_dtype``, ``device``, ``matmul(x, bias) -> (..., out)``,
+                ``input_grad(dy) -> dy @ W`` (the fused backward), ``dequantize() -> (out, in)``
+                and ``load_dense(weight)``; :class:`~lora_phi3.quant.NF4Weight` is one.
+            bias: ``(out_features,)`` or None.
+            **lora_kwargs: the class's ``from_linear`` LoRA arguments (``r``, ``lora_alpha``, ...).
+        """
+        self = cls._bare(*base.shape, bias)
+        self.register_parameter("weight", None)  # the base lives in quantized_weight
+        self.quantized_weight = base
+        self._setup(**lora_kwargs)
+        if self.r > 0:
+            self.reset_lora_parameters()
+        return self
+
+    @classmethod
+    def _bare(cls, out_features: int, in_features: int, bias: torch.Tensor | None):
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.register_parameter("bias", bias)
+        return self
+
+    def _init_lora_params(self, r: int, n_slices: int, b_rows: int,
+                          lora_dtype: torch.dtype | None) -> None:
+        if self.weight is not None:
+            dtype, device = self.weight.dtype, self.weight.device
+            self.weight.requires_grad = False
+        else:  # the adapter follows a quantized base's compute dtype, as it would a dense weight's
+            dtype, device = self.quantized_weight.compute_dtype, self.quantized_weight.device
+        self.lora_A = new_lora_param((r * n_slices, self.in_features), lora_dtype or dtype, device)
+        self.lora_B = new_lora_param((b_rows, r), lora_dtype or dtype, device)
+
+    def _finish_init(self, fan_in_fan_out: bool) -> None:
+        # loralib's order: reset everything once more (base weight, bias, then A), then transpose,
+        # so the same seed gives loralib's initial weights (the fan-in is read in (out, in) layout).
+        self.reset_parameters()
+        if fan_in_fan_out:  # stored (in, out), as GPT-2's Conv1D and loralib keep it
+            self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+
+    # -- the base ----------------------------------------------------------------------------------
+    def _frozen_base(self):
+        """What the forward multiplies by: the dense ``(out, in)`` weight (a view for
+        ``fan_in_fan_out``; while a quantized layer is merged, its dense merged weight), else the
+        quantized base."""
+        weight = self.weight
+        if weight is None:
+            return self.quantized_weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def dense_base_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        dense = self.quantized_weight.dequantize()  # (out, in)
+        return dense.T if self.fan_in_fan_out else dense
+
+    @torch.no_grad()
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Replace the frozen base weight with ``weight`` (the module's layout), quantising it
+        for a quantized base.
+
+        Raises:
+            ValueError: a shape other than the layer's, or a merged layer (its merged weight would
+                go stale).
+        """
+        if self.merged:
+            raise ValueError(f"{type(self).__name__}.set_base_weight on a merged layer; unmerge() first")
+        want = (self.in_features, self.out_features) if self.fan_in_fan_out \
+            else (self.out_features, self.in_features)
+        if tuple(weight.shape) != want:
+            raise ValueError(f"weight must have shape {want} for this layer, got {tuple(weight.shape)}")
+        if self.weight is not None:
+            self.weight.copy_(weight)
+        else:
+            self.quantized_weight.load_dense(weight.T if self.fan_in_fan_out else weight)
+
+    def _store_merged(self, merged: torch.Tensor) -> None:
+        if self.weight is not None:
+            return super()._store_merged(merged)
+        # A quantized base is never rounded into (that would round the update away): the dense
+        # merged weight is kept beside it, and unmerge drops it again.
+        self.weight = nn.Parameter(merged, requires_grad=False)
+
+    def _restore_unmerged(self) -> None:
+        if self.quantized_weight is None:
+            return super()._restore_unmerged()
+        self.weight = None
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    def iter_slices(self) -> Iterator[LoraSlice]:
+        """The :class:`~lora_phi3.layers.slices.LoraSlice` of each adapted output slice."""
+        return iter_slices(self.lora_slices, self.r)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self._acc(self.lora_A), self._acc(self.lora_B)
+        if len(self.lora_slices) == 1 and self.lora_slices[0][1] == self.out_features:
+            delta = B @ A * self.scaling  # (out, in)
+        else:
+            delta = A.new_zeros((self.out_features, self.in_features))
+            for s in self.iter_slices():
+                delta[s.out_rows] = B[s.b_rows] @ A[s.a_rows] * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features) -> (..., out_features)``; the adapter never forms the dense delta."""
+        base = self._frozen_base()
+        if not self.lora_active:
+            return base_linear(x, base, self.bias)
+        return apply_lora_linear(x, base, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 self.lora_dropout, self.lora_slices)
+
+
+class Linear(_LinearLoRA):
+    """``nn.Linear`` with a LoRA update: ``y = x @ W.T + b + scaling * dropout(x) @ A.T @ B.T``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        r: rank; 0 (the default, as in loralib) adds no adapter.
+        lora_alpha: scaling numerator; ``scaling = lora_alpha / r``.
+        lora_dropout: dropout probability on the adapter's input.
+        fan_in_fan_out: True if ``weight`` is stored as ``(in_features, out_features)`` (GPT-2 Conv1D).
+        merge_weights: merge on ``eval()`` and unmerge on ``train()``.
+        lora_dtype: dtype of ``lora_A``/``lora_B`` (default: the weight's dtype, as in loralib).
+        **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
+
+    Shapes: ``lora_A`` is ``(r, in_features)`` (kaiming-uniform), ``lora_B`` is ``(out_features, r)``
+    (zeros); input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 lora_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
+        self._finish_init(fan_in_fan_out)
+
+    def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
+               fan_in_fan_out: bool = False, merge_weights: bool = True,
+               lora_dtype: torch.dtype | None = None) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_slices = ((0, self.out_features),)
+        if r > 0:
+            self._init_lora_params(r, 1, self.out_features, lora_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    fan_in_fan_out: bool = False, merge_weights: bool = True,
+                    lora_dtype: torch.dtype | None = None) -> "Linear":
+        """Wrap an existing linear-like module, sharing (not copying) its ``weight`` and ``bias``.
+
+        ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
+        such as transformers' GPT-2 ``Conv1D`` (pass ``fan_in_fan_out=True``).
+        """
+        self = cls._wrap(linear, fan_in_fan_out)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
+        if r > 0:
+            self.reset_lora_parameters()
+        return self
+
+
+class MergedLinear(_LinearLoRA):
+    """A fused projection (e.g. Phi-3's ``qkv_proj``) with LoRA on a chosen subset of its slices.
+
+    The output features are split into ``len(enable_lora)`` slices: equal ones as in loralib, or
+    the sizes given by ``split_sizes`` (e.g. ``[q, k, v]`` for grouped-query attention, which
+    loralib cannot do). Each enabled slice ``i`` gets its own ``A_i`` ``(r, in)`` and ``B_i``
+    ``(size_i, r)``; they are stored stacked as in loralib (see :mod:`~lora_phi3.layers.slices`):
+
+    - ``lora_A``: ``(r * k, in_features)`` for ``k`` enabled slices;
+    - ``lora_B``: ``(sum of enabled slice sizes, r)``.
+
+    The forward runs one matmul with the stacked ``A`` and then each slice's ``B`` adds into its
+    own output slice; the dense ``(out, in)`` delta is never built.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
+                 fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
+                    split_sizes, lora_dtype)
+        self._finish_init(fan_in_fan_out)
+
+    def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
+               enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
+               merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
+               lora_dtype: torch.dtype | None = None) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+        self.fan_in_fan_out = fan_in_fan_out
+        enable_lora = [bool(e) for e in enable_lora]
+        if not enable_lora:
+            raise ValueError("enable_lora must name at least one slice, got []")
+        if split_sizes is None:
+            if self.out_features % len(enable_lora) != 0:
+                raise ValueError(f"enable_lora has {len(enable_lora)} slices, which does not divide "
+                                 f"out_features={self.out_features}; pass split_sizes")
+            split_sizes = [self.out_features // len(enable_lora)] * len(enable_lora)
+        split_sizes = [int(s) for s in split_sizes]
+        if len(split_sizes) != len(enable_lora):
+            raise ValueError(f"split_sizes={split_sizes} has {len(split_sizes)} entries but "
+                             f"enable_lora={enable_lora} has {len(enable_lora)}")
+        if sum(split_sizes) != self.out_features or any(s <= 0 for s in split_sizes):
+            raise ValueError(f"split_sizes={split_sizes} must be positive and sum to "
+                             f"out_features={self.out_features}")
+        self.enable_lora = enable_lora
+        self.split_sizes = split_sizes
+        offsets = [sum(split_sizes[:i]) for i in range(len(split_sizes))]
+        self.lora_slices = tuple((offsets[i], split_sizes[i]) for i, e in enumerate(enable_lora) if e)
+        if r > 0 and self.lora_slices:
+            self._init_lora_params(r, len(self.lora_slices), sum(s for _, s in self.lora_slices),
+                                   lora_dtype)
+        elif r > 0:
+            self.r = 0  # no slice enabled: behaves as the plain layer, like loralib
+            self.scaling = 0.0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
+                    merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
+                    lora_dtype: torch.dtype | None = None) -> "MergedLinear":
+        """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
+        self = cls._wrap(linear, fan_in_fan_out)
+        self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
+                    split_sizes, lora_dtype)
+        if self.r > 0:
+            self.reset_lora_parameters()
+        return self

@@ -1,0 +1,77 @@
+"""Run outputs: the output-dir guard, metrics.jsonl (append, torn lines, truncation on resume),
+the loss-curve PNG, perplexity and peak memory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lora_phi3.finetune.reporting import (RUN_FILES, MetricsLog, check_output_dir,
+                                          peak_memory_bytes, perplexity, plot_loss_curve)
+
+
+def test_perplexity():
+    assert perplexity(None) is None
+    assert perplexity(0.0) == 1.0 and perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert perplexity(1e6) == float("inf")
+
+
+def test_metrics_log_appends_reads_past_a_torn_line_and_truncates(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    assert log.read() == []
+    for step in (0, 1, 2, 3):
+        log.append({"type": "train", "step": step, "loss": 1.0 / (step + 1)})
+    with open(log.path, "a") as f:
+        f.write('{"type": "train", "st')  # a run killed mid-write
+    assert [r["step"] for r in log.read()] == [0, 1, 2, 3]
+    log.truncate_after(1)  # a resume from checkpoint-1 drops what came after it
+    assert [r["step"] for r in log.read()] == [0, 1]
+    assert log.path.read_text().endswith("\n") and json.loads(log.path.read_text().splitlines()[0])
+    log.truncate_after(-1)  # a fresh start drops everything
+    assert log.read() == []
+
+
+def test_metrics_log_of_another_rank_writes_nothing(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=False)
+    log.append({"step": 1})
+    log.truncate_after(0)
+    assert not log.path.exists()
+
+
+def test_loss_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"type": "train", "step": s, "loss": 3.0 - s / 10} for s in range(1, 6)] + \
+        [{"type": "eval", "step": 0, "eval_loss": 3.1}, {"type": "eval", "step": 5, "eval_loss": 2.6}]
+    path = tmp_path / "loss_curve.png"
+    assert plot_loss_curve(records, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png"]  # no temp file left
+    assert not plot_loss_curve([{"type": "resume", "step": 3}], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_output_dir_guard(tmp_path):
+    out = tmp_path / "run"
+    check_output_dir(out, resume=False, overwrite=False)  # does not exist yet: fine
+    out.mkdir()
+    (out / "my_notes.txt").write_text("keep me")
+    check_output_dir(out, resume=False, overwrite=False)  # no run files: fine
+    (out / "summary.json").write_text("{}")
+    (out / "checkpoint-4").mkdir()
+    (out / "adapter").mkdir()
+    with pytest.raises(ValueError, match=r"--output-dir '.*run' already holds a run \(adapter, "
+                                         r"checkpoint-4, summary.json\); pass --resume"):
+        check_output_dir(out, resume=False, overwrite=False)
+    check_output_dir(out, resume=True, overwrite=False)  # resuming keeps everything
+    assert (out / "summary.json").exists()
+    check_output_dir(out, resume=False, overwrite=True)  # removes the run's files, only those
+    assert [p.name for p in out.iterdir()] == ["my_notes.txt"]
+    assert "summary.json" in RUN_FILES and "metrics.jsonl" in RUN_FILES
+
+
+def test_peak_memory_on_cpu_is_the_process_rss():
+    peak, kind = peak_memory_bytes(torch.device("cpu"))
+    assert kind == "cpu_max_rss" and peak > 10 * 2**20  # python + torch: well above 10 MiB
