@@ -151,7 +151,7 @@ def compile_report() -> list[list]:
                             else f"{m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
                             for msg in messages
                             for m in [re.search(r"in user code at (\S+):(\d+)", msg)] if m})
-            in_layers = sum(("layers.py" in w or "functional.py" in w) for w in where)
+            in_layers = sum(("lora_phi3/layers/" in w) for w in where)
             rows.append([name, e.graph_count, e.graph_break_count, in_layers,
                          ", ".join(where) or "—"])
     finally:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(["layer", "ours unmerged", "ours merged"], infer_rows))
     if args.compile:
         print("\n### torch.compile graph breaks (torch._dynamo.explain)\n")
-        print(markdown_table(["module", "graphs", "graph breaks", "breaks in layers.py/functional.py",
+        print(markdown_table(["module", "graphs", "graph breaks", "breaks in lora_phi3/layers/",
                               "where"], compile_report()))
 
 

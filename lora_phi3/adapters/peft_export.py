@@ -78,13 +78,9 @@ def _dropout_p(layer: LoRALayer) -> float:
 def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's update as one PEFT pair ``A (rank, in)``, ``B (out, rank)``; exact."""
     if isinstance(layer, MergedLinear):
-        r = layer.r
-        B = layer.lora_B.new_zeros(layer.out_features, r * len(layer.lora_slices))
-        b0 = 0
-        for i, (start, size) in enumerate(layer.lora_slices):
-            # Block-diagonal: slice i's rows only see its own A_i (columns i*r .. (i+1)*r).
-            B[start:start + size, i * r:(i + 1) * r] = layer.lora_B[b0:b0 + size]
-            b0 += size
+        B = layer.lora_B.new_zeros(layer.out_features, layer.lora_A.shape[0])
+        for s in layer.iter_slices():  # block-diagonal: a slice's rows see only its own A_i
+            B[s.out_rows, s.a_rows] = layer.lora_B[s.b_rows]
         return layer.lora_A.detach(), B.detach()
     if isinstance(layer, (Linear, Embedding)):
         return layer.lora_A.detach(), layer.lora_B.detach()

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 # The library through its public face only (``lora_phi3/__init__``): never through its internals.
-from .. import (enable_input_recompute, inject_lora, load_adapter, load_quantized_model,
+from .. import (inject_lora, load_adapter, load_quantized_model,
                 save_adapter)
 from ..atomic import write_json_atomic
 from . import checkpoint as ckpt
@@ -188,10 +188,9 @@ class FinetuneJob:
             model = load_model(recipe.model, dtype=dtype, tokenizer=self.tokenizer)
             # Inject before moving: the adapters are then initialised by the CPU generator, so a
             # seed gives the same run on CPU and GPU (the CUDA generator draws other numbers).
+            # inject_lora also turns input recompute on (docs/performance.md): LoRA layers fed by
+            # a norm or by SwiGLU rebuild their input in backward instead of keeping a copy.
             inject_lora(model, recipe.lora)
-        # LoRA layers fed by a norm or by SwiGLU rebuild their input in backward instead of keeping
-        # a copy (docs/performance.md): saved activations stay close to the frozen model's.
-        enable_input_recompute(model)
         model.to(dist.device)
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)

@@ -177,13 +177,15 @@ def enable_input_recompute(model: nn.Module) -> list:
         model: any module; norms and ``gate_up_proj`` modules are found by type and name.
 
     Returns:
-        The hook handles (call ``.remove()`` on each to undo).
+        The handles of the hooks this call added (call ``.remove()`` on each to undo); modules it
+        had hooked already are skipped, so calling it twice is harmless.
     """
     handles = []
     for name, module in model.named_modules():
-        if _is_norm(module):
-            handles.append(module.register_forward_hook(_norm_hook))
-        elif name.split(".")[-1] == "gate_up_proj":
-            handles.append(module.register_forward_hook(_gate_hook))
+        hook = _norm_hook if _is_norm(module) else \
+            _gate_hook if name.split(".")[-1] == "gate_up_proj" else None
+        # A second call (or inject_lora's default after a manual call) adds nothing twice.
+        if hook is not None and not any(h is hook for h in module._forward_hooks.values()):
+            handles.append(module.register_forward_hook(hook))
     logger.info("input recompute enabled on %d modules", len(handles))
     return handles

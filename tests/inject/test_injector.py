@@ -456,8 +456,6 @@ def test_recompute_enabled_before_injection_is_not_hooked_twice():
     assert hook_count(model) == hooked  # the caller's own hooks stay
 
 
-@pytest.mark.xfail(strict=True, reason="needs enable_input_recompute to skip modules it already hooked "
-                                       "(lora_phi3/layers/functional.py)")
 def test_enable_input_recompute_after_injection_adds_no_hooks():
     model = inject_lora(tiny_phi3(), lean_config())
     hooked = hook_count(model)
