@@ -6,6 +6,8 @@ import torch.nn as nn
 
 import lora_phi3 as lora
 
+from tiny import MagnitudeLinear
+
 
 def _model():
     return nn.Sequential(lora.Linear(4, 4, r=2), nn.Linear(4, 4), lora.Linear(4, 4, r=0),
@@ -42,18 +44,8 @@ def test_unknown_bias_mode_is_a_value_error(fn):
         fn(_model(), bias="some")
 
 
-class _WithMagnitude(lora.Linear):
-    """A LoRA variant with one more adapter parameter (a DoRA-style magnitude) that it declares."""
-
-    adapter_param_names = ("lora_A", "lora_B", "magnitude")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.magnitude = nn.Parameter(torch.ones(self.out_features))
-
-
 def test_helpers_ask_the_layers_which_parameters_are_the_adapters():
-    model = nn.Sequential(_WithMagnitude(4, 4, r=2), nn.Linear(4, 4))
+    model = nn.Sequential(MagnitudeLinear(4, 4, r=2), nn.Linear(4, 4))
     model[1].lora_like = nn.Parameter(torch.zeros(1))  # a "lora_" name on no LoRA layer
     lora.mark_only_lora_as_trainable(model)
     assert _trainable(model) == ["0.lora_A", "0.lora_B", "0.magnitude"]

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lora_phi3 as lora
 from lora_phi3.layers import enable_input_recompute, lora_layers
-from tiny import assert_all_close, grads_of, randomize_lora, tiny_phi3
+from tiny import assert_all_close, grads_of, randomize_lora, saved_bytes, tiny_phi3
 
 
 # ------------------------------------------------------------------ input recompute
@@ -38,31 +38,18 @@ def _lora_params(layer):
     return [p for m in lora_layers(layer).values() for p in m.adapter_params().values()]
 
 
-def _saved_bytes(fn, exclude):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 def test_input_recompute_gives_identical_gradients_and_saves_less():
     layer, x, kw = _tiny_phi3_layer()
     g = 0.1 * torch.randn(2, 6, 32)  # grads of order 1: atol 1e-5 is ~50 ulps
     tensors = [x] + _lora_params(layer)
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     torch.manual_seed(3)
-    before, _ = _saved_bytes(lambda: layer(x, **kw), params)
+    before, _ = saved_bytes(lambda: layer(x, **kw), params)
     plain = grads_of(lambda: layer(x, **kw), tensors, g)
     handles = enable_input_recompute(layer)
     assert len(handles) == 3  # two norms and gate_up_proj
     torch.manual_seed(3)
-    after, _ = _saved_bytes(lambda: layer(x, **kw), params)
+    after, _ = saved_bytes(lambda: layer(x, **kw), params)
     recomputed = grads_of(lambda: layer(x, **kw), tensors, g)
     assert_all_close(recomputed, plain)
     # qkv and gate_up no longer keep the norm outputs, down no longer keeps up*silu(gate)
@@ -119,10 +106,10 @@ def test_swiglu_recompute_outside_phi3(spelled_out):
     g = 0.1 * torch.randn(5, 8)  # grads of order 1: atol 1e-5 is ~50 ulps
     tensors = [x] + _lora_params(mlp)
     params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
-    before, _ = _saved_bytes(lambda: mlp(x), params)
+    before, _ = saved_bytes(lambda: mlp(x), params)
     want = grads_of(lambda: mlp(x), tensors, g)
     handles = enable_input_recompute(mlp)
-    after, _ = _saved_bytes(lambda: mlp(x), params)
+    after, _ = saved_bytes(lambda: mlp(x), params)
     assert_all_close(grads_of(lambda: mlp(x), tensors, g), want)
     # the product (5, 6) fp32 is rebuilt instead of kept, only for a real F.silu
     assert before - after == (0 if spelled_out else 5 * 6 * 4)
@@ -185,11 +172,11 @@ def test_norm_recompute_replays_the_autocast_state():
     want = grads_of(run, tensors, g)
     handles = enable_input_recompute(norm)
     params = {p.untyped_storage().data_ptr() for p in [*norm.parameters(), *layer.parameters()]}
-    saved, _ = _saved_bytes(run, params)
+    saved, _ = saved_bytes(run, params)
     assert_all_close(grads_of(run, tensors, g), want, atol=0)  # bit for bit
     for t in handles:
         t.remove()
-    saved_plain, _ = _saved_bytes(run, params)
+    saved_plain, _ = saved_bytes(run, params)
     assert saved < saved_plain  # the recipe was used
 
 
