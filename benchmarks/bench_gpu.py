@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_phi3 as lora  # noqa: E402
-from lora_phi3.layers import enable_input_recompute  # noqa: E402
 from lora_phi3.finetune.losses import lm_loss_sum  # noqa: E402
 from common import (have, interleaved, machine, markdown_table, paired_ratio, peft_wrap,  # noqa: E402
                     train_step_fn)
@@ -105,7 +104,7 @@ def full_step(variant: str, device, args, dims) -> dict:
     if variant == "ours":
         lora.inject_lora(model, lora.LoraConfig(r=args.r, lora_alpha=2 * args.r,
                                                 lora_dropout=args.dropout, target_modules=TARGETS))
-        enable_input_recompute(model)
+        # inject_lora turns input recompute on by default (the lean path)
     else:
         from peft import LoraConfig, get_peft_model
 

