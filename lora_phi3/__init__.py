@@ -16,12 +16,12 @@ from .layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, Merge
                      enable_input_recompute)
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 from .config import LoraConfig
-from .inject import (disable_lora, get_lora_config, inject_lora, lora_modules, merge_and_unload,
-                     merge_lora, phi3, unmerge_lora)
+from .inject import (dequantize_and_merge, disable_lora, get_lora_config, inject_lora,
+                     load_quantized_model, lora_modules, merge_and_unload, merge_lora, phi3,
+                     unmerge_lora)
 from .adapters import (adapter_state_dict, export_peft, import_peft, load_adapter, peft_state_dict,
                        read_adapter, save_adapter)
-from .quant import (Linear4bit, MergedLinear4bit, NF4Tensor, dequantize_and_merge,
-                    load_quantized_model, nf4_dequantize, nf4_quantize)
+from .quant import Linear4bit, MergedLinear4bit, NF4Tensor, nf4_dequantize, nf4_quantize
 
 __version__ = "0.1.0"
 

@@ -2,8 +2,9 @@
 
 :func:`make_lora_module` is the single place where a base module becomes a LoRA layer (dense or
 over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``. A
-quantized base is dispatched by ``LoraConfig.quantize_base`` to its builder, imported when first
-needed (PEFT's ``dispatch_*`` style): nothing registers itself at import time.
+quantized base is dispatched by ``LoraConfig.quantize_base`` to its builder in
+:mod:`lora_phi3.quant` (PEFT's ``dispatch_*`` style): the injector imports the formats it knows,
+and nothing registers itself at import time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..quant import qlora
 from .matching import SliceSpec, is_hf_conv1d
 
 logger = logging.getLogger(__name__)
@@ -24,14 +26,13 @@ __all__ = ["make_lora_module", "plain_module", "quantized_factory", "quantized_c
 
 BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
 _CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-# Builder signature: builder(module, name, slice_spec, **lora_kwargs) -> LoRA layer
+# Builder signature: builder(module, name, fan_in_fan_out, enable_lora, split_sizes, **lora_kwargs)
 QuantizedBuilder = Callable[..., LoRALayer]
 
 
 def _quantized_backend(method: Any) -> tuple[QuantizedBuilder, Callable[[nn.Module, str], None]]:
-    """``(builder, check)`` for ``quantize_base=method``, importing the backend on first use."""
+    """``(builder, check)`` for ``quantize_base=method``: the one branch a new base format adds."""
     if method == "nf4":
-        from ..quant import qlora  # imported here: quant imports the injector, not the other way
         return qlora.build_nf4_layer, qlora.check_nf4_target
     raise NotImplementedError(f"LoraConfig.quantize_base={method!r}: no quantized LoRA layer for "
                               "it; allowed: 'nf4'")
@@ -51,7 +52,10 @@ def quantized_check(config: LoraConfig) -> Callable[[nn.Module, str], None] | No
     """The pre-check of ``config.quantize_base`` (None for dense bases): ``check(module, name)``
     raises the builder's errors without building anything; ``inject_lora`` runs it on every
     target before replacing any, so a refused injection changes nothing."""
-    return _quantized_backend(config.quantize_base)[1] if config.quantize_base else None
+    if not config.quantize_base:
+        return None
+    check = _quantized_backend(config.quantize_base)[1]
+    return lambda module, name: check(module, name, is_hf_conv1d(module))
 
 
 def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
@@ -71,7 +75,9 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     new: LoRALayer
     if config.quantize_base is not None:
         build = quantized_factory(config)
-        new = build(module, name, slice_spec, lora_dropout=config.lora_dropout, **common)
+        slices = slice_spec._asdict() if slice_spec is not None else {}
+        new = build(module, name, fan_in_fan_out=is_hf_conv1d(module),
+                    lora_dropout=config.lora_dropout, **slices, **common)
     elif isinstance(module, nn.Embedding):
         new = Embedding.from_embedding(module, **common)
     elif isinstance(module, tuple(_CONV_LORA)):

@@ -23,7 +23,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..inject.matching import SliceSpec, is_hf_conv1d
 from ..layers import Linear, LoRALayer, MergedLinear
 from .nf4 import NF4Tensor
 from .nf4_base import DEFAULT_BLOCK_SIZE, NF4Weight
@@ -119,15 +118,20 @@ class MergedLinear4bit(MergedLinear):
 
 
 # -- what inject_lora dispatches to for quantize_base="nf4" ---------------------------------------
-def check_nf4_target(module: nn.Module, name: str) -> None:
+def check_nf4_target(module: nn.Module, name: str, fan_in_fan_out: bool = False) -> None:
     """Raise the builder's errors without building anything (``inject_lora`` checks every target
     first, so a refused injection leaves the model untouched).
+
+    Args:
+        module: the module to be replaced.
+        name: its qualified name, for errors.
+        fan_in_fan_out: True for a linear layer whose weight is ``(in, out)`` (GPT-2's ``Conv1D``;
+            the injector tells).
 
     Raises:
         ValueError: ``module`` is not linear-like, or its row length (in_features) is not a
             multiple of the block size, naming the module.
     """
-    fan_in_fan_out = is_hf_conv1d(module)
     if not (isinstance(module, nn.Linear) or fan_in_fan_out):
         raise ValueError(f"LoraConfig.quantize_base='nf4' quantizes linear layers only; {name!r} is "
                          f"{type(module).__name__}: drop it from target_modules or add it to "
@@ -140,8 +144,9 @@ def check_nf4_target(module: nn.Module, name: str) -> None:
                          f"block size {DEFAULT_BLOCK_SIZE}; add it to exclude_modules")
 
 
-def build_nf4_layer(module: nn.Module, name: str, slice_spec: SliceSpec | None,
-                    **lora_kwargs: Any) -> LoRALayer:
+def build_nf4_layer(module: nn.Module, name: str, fan_in_fan_out: bool = False,
+                    enable_lora: Sequence[bool] | None = None,
+                    split_sizes: Sequence[int] | None = None, **lora_kwargs: Any) -> LoRALayer:
     """The QLoRA layer replacing ``module`` (``inject_lora`` with ``quantize_base="nf4"``).
 
     The weight is quantised in blocks of :data:`DEFAULT_BLOCK_SIZE` with double quantisation.
@@ -149,18 +154,19 @@ def build_nf4_layer(module: nn.Module, name: str, slice_spec: SliceSpec | None,
     Args:
         module: an ``nn.Linear`` or GPT-2 ``Conv1D``.
         name: its qualified name, for errors.
-        slice_spec: the fused-projection slices (Phi-3's ``qkv_proj``/``gate_up_proj``), or None.
+        fan_in_fan_out: as :func:`check_nf4_target`.
+        enable_lora, split_sizes: the adapted slices of a fused projection (Phi-3's
+            ``qkv_proj``/``gate_up_proj``, a ``MergedLinear4bit``); None for a whole-output adapter.
         **lora_kwargs: ``r``, ``lora_alpha``, ``lora_dropout``, ``merge_weights``, ``lora_dtype``.
 
     Raises:
         ValueError: as :func:`check_nf4_target`.
     """
-    check_nf4_target(module, name)
-    fan_in_fan_out = is_hf_conv1d(module)
+    check_nf4_target(module, name, fan_in_fan_out)
     base = _quantized(module, fan_in_fan_out, DEFAULT_BLOCK_SIZE, True)
     bias = getattr(module, "bias", None)
-    if slice_spec is not None:
-        return MergedLinear4bit.with_base(base, bias, enable_lora=slice_spec.enable_lora,
-                                          split_sizes=slice_spec.split_sizes,
-                                          fan_in_fan_out=fan_in_fan_out, **lora_kwargs)
+    if enable_lora is not None:
+        return MergedLinear4bit.with_base(base, bias, enable_lora=enable_lora,
+                                          split_sizes=split_sizes, fan_in_fan_out=fan_in_fan_out,
+                                          **lora_kwargs)
     return Linear4bit.with_base(base, bias, fan_in_fan_out=fan_in_fan_out, **lora_kwargs)

@@ -33,18 +33,22 @@ def test_quantize_base_dispatches_to_the_nf4_builder(monkeypatch):
 
     config = LoraConfig(target_modules=["layers.0.fc1"], quantize_base="nf4")
     assert factory_mod.quantized_factory(config) is qlora.build_nf4_layer
-    assert factory_mod.quantized_check(config) is qlora.check_nf4_target
+    check = factory_mod.quantized_check(config)  # the builder's own check, told the layout
+    with pytest.raises(ValueError, match=r"cannot quantize 'odd' \(weight \(4, 30\)\): its row length "
+                                         r"in_features=30 is not a multiple of the block size 64"):
+        check(nn.Linear(30, 4), "odd")
+    check(nn.Linear(64, 4), "fine")
     assert factory_mod.quantized_check(LoraConfig(target_modules=["fc1"])) is None
     calls = []
     real = qlora.build_nf4_layer
 
-    def spy(module, name, slice_spec, **lora_kwargs):
-        calls.append((name, slice_spec))
-        return real(module, name, slice_spec, **lora_kwargs)
+    def spy(module, name, **kwargs):
+        calls.append((name, kwargs.get("enable_lora"), kwargs["fan_in_fan_out"]))
+        return real(module, name, **kwargs)
 
     monkeypatch.setattr(qlora, "build_nf4_layer", spy)
     model = inject_lora(TinyNet(dim=64), config)
-    assert calls == [("layers.0.fc1", None)]
+    assert calls == [("layers.0.fc1", None, False)]
     assert isinstance(model.layers[0].fc1, Linear4bit) and model.layers[0].fc1.weight is None
     with pytest.raises(NotImplementedError, match=r"quantize_base='int8': no quantized LoRA layer for "
                                                   r"it; allowed: 'nf4'"):

@@ -12,7 +12,7 @@ from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
 from lora_phi3.inject import disable_lora
 from lora_phi3.layers import Linear
 from lora_phi3.quant import Linear4bit, MergedLinear4bit, NF4Weight, nf4_quantize
-from lora_phi3.quant.loading import quantized_lora_layers
+from lora_phi3.inject.qlora_model import quantized_lora_layers
 from tiny import NF4_SIZES, X, randomize_lora, tiny_phi3
 
 

@@ -1,5 +1,9 @@
 """QLoRA models as a whole: build one from a dense checkpoint, and merge one back into a dense model.
 
+It lives with the injector, not in :mod:`lora_phi3.quant`, because it works on whole models with
+``inject_lora`` and ``merge_and_unload``; :mod:`lora_phi3.quant` holds the 4-bit format and layers,
+which the injector builds on.
+
 :func:`load_quantized_model` builds a QLoRA model from a bf16 (or fp32) safetensors checkpoint,
 quantising one tensor at a time as it is read; :func:`dequantize_and_merge` is
 ``merge_and_unload`` for a QLoRA model, one layer at a time.
@@ -17,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..inject import injector as inject
+from . import injector as inject
 from ..layers import LoRALayer
-from .nf4 import FLOAT_DTYPES
-from .nf4_base import NF4Weight
+from ..quant.nf4 import FLOAT_DTYPES
+from ..quant.nf4_base import NF4Weight
 
 logger = logging.getLogger(__name__)
 

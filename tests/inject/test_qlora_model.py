@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from lora_phi3 import LoraConfig, inject_lora, merge_and_unload
 from lora_phi3.adapters import adapter_state_dict
 from lora_phi3.layers import LoRALayer
-from lora_phi3.quant import dequantize_and_merge, load_quantized_model
-from lora_phi3.quant.loading import quantized_lora_layers
+from lora_phi3.inject import dequantize_and_merge, load_quantized_model
+from lora_phi3.inject.qlora_model import quantized_lora_layers
 from tiny import NF4_SIZES, X, randomize_lora, tiny_phi3
 
 
