@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..config import LoraConfig
 from . import injector as inject
 from ..layers import LoRALayer
-from ..quant.nf4 import FLOAT_DTYPES
+from ..quant.nf4 import NF4_FLOAT_DTYPES
 from ..quant.nf4_base import NF4Weight
 
 logger = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def load_quantized_model(name_or_path: str | os.PathLike, config: LoraConfig,
     if not isinstance(config, LoraConfig) or config.quantize_base != "nf4":
         raise ValueError("load_quantized_model needs a LoraConfig with quantize_base='nf4', got "
                          f"{getattr(config, 'quantize_base', config)!r}")
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
+    if dtype not in NF4_FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {list(NF4_FLOAT_DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     kwargs = dict(from_pretrained_kwargs)
     directory = _checkpoint_dir(name_or_path, kwargs)

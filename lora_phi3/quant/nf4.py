@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NF4_CODEBOOK", "NF4Tensor", "nf4_quantize", "nf4_dequantize", "nf4_empty", "FLOAT_DTYPES",
+__all__ = ["NF4_CODEBOOK", "NF4Tensor", "nf4_quantize", "nf4_dequantize", "nf4_empty", "NF4_FLOAT_DTYPES",
            "DOUBLE_QUANT_BLOCK_SIZE", "chunk_elements", "decode_pairs"]
 
 # QLoRA Appendix E / bitsandbytes: quantiles of N(0, 1) normalised to [-1, 1], with an exact 0.
@@ -34,7 +34,7 @@ NF4_CODEBOOK = (
 )  # fmt: skip
 DOUBLE_QUANT_BLOCK_SIZE = 256  # QLoRA section 3: second-level blocks of 256 constants
 # The dtypes NF4 quantises from and computes in; the order is the state_dict encoding.
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NF4_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per step of (de)quantisation, bounding its temporaries (about 6 bytes per element):
 # ~6 MiB on CPU, where smaller steps were as fast on an idle machine (slower when cores are
 # contended); larger elsewhere, where every step costs kernel launches.
@@ -165,8 +165,8 @@ class NF4Tensor:
             state.update(absmax_scale=self.absmax_scale, absmax_offset=self.absmax_offset)
         state["shape"] = torch.tensor(list(self.shape), dtype=torch.int64)
         state["block_size"] = torch.tensor(self.block_size, dtype=torch.int64)
-        state["dtype"] = torch.tensor(FLOAT_DTYPES.index(self.dtype), dtype=torch.int64)
-        state["compute_dtype"] = torch.tensor(FLOAT_DTYPES.index(self.compute_dtype), dtype=torch.int64)
+        state["dtype"] = torch.tensor(NF4_FLOAT_DTYPES.index(self.dtype), dtype=torch.int64)
+        state["compute_dtype"] = torch.tensor(NF4_FLOAT_DTYPES.index(self.compute_dtype), dtype=torch.int64)
         return state
 
     @classmethod
@@ -191,8 +191,8 @@ class NF4Tensor:
             codes=state["codes"], absmax=absmax,
             absmax_scale=state["absmax_scale"].float() if double else None,
             absmax_offset=state["absmax_offset"].float() if double else None,
-            shape=torch.Size(state["shape"].tolist()), dtype=FLOAT_DTYPES[int(state["dtype"])],
-            block_size=int(state["block_size"]), compute_dtype=FLOAT_DTYPES[int(state["compute_dtype"])],
+            shape=torch.Size(state["shape"].tolist()), dtype=NF4_FLOAT_DTYPES[int(state["dtype"])],
+            block_size=int(state["block_size"]), compute_dtype=NF4_FLOAT_DTYPES[int(state["compute_dtype"])],
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -201,8 +201,8 @@ class NF4Tensor:
 
 
 def _check_float_dtype(name: str, dtype) -> None:
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
+    if dtype not in NF4_FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {list(NF4_FLOAT_DTYPES)}, got {dtype!r}")
 
 
 def _check_block_size(shape: torch.Size, block_size) -> None:

@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from .nf4 import FLOAT_DTYPES, NF4Tensor, nf4_empty, nf4_quantize
+from .nf4 import NF4_FLOAT_DTYPES, NF4Tensor, nf4_empty, nf4_quantize
 from .nf4_linear import nf4_input_grad, nf4_matmul
 
 logger = logging.getLogger(__name__)
@@ -117,11 +117,11 @@ class NF4Weight(nn.Module):
         half = fn(torch.empty(0, dtype=torch.float16, device=device)).dtype
         brain = fn(torch.empty(0, dtype=torch.bfloat16, device=device)).dtype
         cast = half if half != torch.float16 else brain if brain != torch.bfloat16 else None
-        if cast in FLOAT_DTYPES:
+        if cast in NF4_FLOAT_DTYPES:
             self.compute_dtype = cast
         elif cast is not None:
             logger.warning("NF4Weight: compute dtype stays %s (NF4 computes in %s only, not %s)",
-                           self.compute_dtype, list(FLOAT_DTYPES), cast)
+                           self.compute_dtype, list(NF4_FLOAT_DTYPES), cast)
         return self
 
     def extra_repr(self) -> str:
