@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_phi3 as lora  # noqa: E402
 from lora_phi3.layers import enable_input_recompute  # noqa: E402
 from lora_phi3.finetune.losses import lm_loss_sum  # noqa: E402
-from common import have, interleaved, load, machine, markdown_table, paired_ratio  # noqa: E402
+from common import (have, interleaved, load, machine, markdown_table, paired_ratio,  # noqa: E402
+                    saved_bytes)
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -164,22 +165,10 @@ def inputs(s: Setup, seed: int = 1):
     return x, dict(attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
 
 
-def saved_bytes(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> int:
+def layer_saved_bytes(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> int:
     """Bytes of the storages autograd saves for backward in one forward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x, **kwargs)
-    total = sum(seen.values())
-    del out
-    return total
+    return saved_bytes(lambda: layer(x, **kwargs), params)
 
 
 def memory_table(s: Setup, variants=VARIANTS) -> dict[str, int]:
@@ -191,7 +180,7 @@ def memory_table(s: Setup, variants=VARIANTS) -> dict[str, int]:
             continue
         layer = build(v, s)
         torch.manual_seed(2)
-        result[v] = saved_bytes(layer, x, kwargs)
+        result[v] = layer_saved_bytes(layer, x, kwargs)
     return result
 
 

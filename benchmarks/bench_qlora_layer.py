@@ -30,23 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_phi3 as lora  # noqa: E402
-from common import interleaved, load, machine, markdown_table, paired_ratio, train_step_fn  # noqa: E402
+from common import (interleaved, load, machine, markdown_table, paired_ratio,  # noqa: E402
+                    saved_bytes, train_step_fn)
 
 IN_FEATURES, OUT_FEATURES, TOKENS, RANK, ALPHA, DROPOUT = 8192, 3072, 256, 16, 32.0, 0.05
-
-
-def saved_bytes(step, exclude: set[int]) -> int:
-    """Bytes of the storages autograd keeps for backward during ``step()``, each counted once."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:

@@ -30,16 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_phi3 as lora  # noqa: E402
-from common import interleaved, load, machine, markdown_table, paired_ratio, train_step_fn  # noqa: E402
+from common import (PHI3_MINI_PROJECTIONS, interleaved, load, machine,  # noqa: E402
+                    markdown_table, paired_ratio, train_step_fn)
 
-# name, in, out, enable_lora (None: Linear), split sizes -- as bench_layers.py
-CONFIGS = [
-    ("qkv (q,k,v)", 3072, 9216, [True, True, True], [3072, 3072, 3072]),
-    ("qkv (q,v)", 3072, 9216, [True, False, True], [3072, 3072, 3072]),
-    ("gate_up", 3072, 16384, [True, True], [8192, 8192]),
-    ("down", 8192, 3072, None, None),
-    ("o", 3072, 3072, None, None),
-]
+CONFIGS = PHI3_MINI_PROJECTIONS  # name, in, out, enable_lora (None: Linear), split sizes
 
 
 def load_baseline(checkout: str):

@@ -138,3 +138,31 @@ def peft_wrap(linear: nn.Linear, r: int, lora_alpha: float, dropout: float) -> n
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     return holder
+
+
+# Each projection of a Phi-3-mini decoder layer: name, in, out, enable_lora (None: a Linear), split sizes.
+PHI3_MINI_PROJECTIONS = [
+    ("qkv (q,k,v)", 3072, 9216, [True, True, True], [3072, 3072, 3072]),
+    ("qkv (q,v)", 3072, 9216, [True, False, True], [3072, 3072, 3072]),
+    ("gate_up", 3072, 16384, [True, True], [8192, 8192]),
+    ("down", 8192, 3072, None, None),
+    ("o", 3072, 3072, None, None),
+]
+
+
+def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
+    """Bytes of the storages autograd keeps for backward while ``fn()`` runs, each storage counted
+    once (by data pointer); storages whose data pointer is in ``exclude`` (parameters) left out."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    total = sum(seen.values())
+    del out
+    return total

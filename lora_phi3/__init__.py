@@ -2,8 +2,9 @@
 
 ``import lora_phi3 as lora`` gives the loralib names (``lora.Linear``, ``lora.MergedLinear``,
 ``lora.Embedding``, ``lora.Conv1d/2d/3d``, ``lora.mark_only_lora_as_trainable``,
-``lora.lora_state_dict``) plus the injector and its controls, adapter files and PEFT interop, and
-QLoRA. Importing it loads neither transformers nor the fine-tuning job; the job is the subpackage
+``lora.lora_state_dict``) plus the injector and its controls, adapter files and PEFT interop,
+QLoRA, and a divergence guard for your own training loop (``check_finite_step``). Importing it
+loads neither transformers nor the fine-tuning job; the job is the subpackage
 :mod:`lora_phi3.finetune` (``from lora_phi3.finetune import finetune, load_recipe``).
 """
 
@@ -14,8 +15,10 @@ from typing import Any
 
 from .layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear,
                      enable_input_recompute)
-from .utils import lora_state_dict, mark_only_lora_as_trainable
+from .utils import (TrainingDiverged, check_finite_step, lora_state_dict,
+                    mark_only_lora_as_trainable)
 from .config import LoraConfig
+from .atomic import DiskFullError
 from .inject import (dequantize_and_merge, disable_lora, get_lora_config, inject_lora,
                      load_quantized_model, lora_modules, merge_and_unload, merge_lora, phi3,
                      unmerge_lora)
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
     "mark_only_lora_as_trainable", "lora_state_dict",
+    "check_finite_step", "TrainingDiverged", "DiskFullError",
     "LoraConfig", "inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
     "get_lora_config", "lora_modules", "enable_input_recompute", "phi3",
     "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",

@@ -1,4 +1,5 @@
-"""The two loralib helpers: freeze everything but LoRA, and keep only LoRA's state.
+"""The two loralib helpers (freeze everything but LoRA, keep only LoRA's state) and a divergence
+guard for training loops.
 
 Which parameters are the adapter's is asked of the layers (``LoRALayer.adapter_params()``), not
 read off a ``"lora_"`` substring; for models built from this package's layers the keys are
@@ -7,12 +8,15 @@ loralib's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from .layers import LoRALayer
 
-__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "adapter_keys", "BIAS_MODES"]
+__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "adapter_keys", "BIAS_MODES",
+           "TrainingDiverged", "check_finite_step"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -95,3 +99,59 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
             if bias_name in state:
                 out[bias_name] = state[bias_name]
     return out
+
+
+# -- divergence guard ----------------------------------------------------------------------------
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss, gradient norm or weight at optimizer step ``step``.
+
+    Attributes:
+        step: the step, numbered as the caller numbers it (``lora-phi3 finetune``: 1-based, as in
+            its logs and ``checkpoint-<step>``).
+        reason: what was not finite, e.g. ``"loss 7.945, gradient norm nan"``.
+        loss, grad_norm: the values checked (None where not given).
+        advice: what to do about it (the default suits any loop; the job names its flag).
+    """
+
+    def __init__(self, step: int, reason: str, loss: float | None = None,
+                 grad_norm: float | None = None, advice: str = "lower the learning rate") -> None:
+        # Every field is in ``args``, so the exception pickles and rebuilds whole (multiprocessing).
+        super().__init__(step, reason, loss, grad_norm, advice)
+        self.step, self.reason, self.loss, self.grad_norm, self.advice = \
+            step, reason, loss, grad_norm, advice
+
+    def __str__(self) -> str:
+        return f"training diverged at step {self.step}: {self.reason}; {self.advice}"
+
+
+def check_finite_step(step: int, loss: float | torch.Tensor,
+                      grad_norm: float | torch.Tensor | None = None) -> None:
+    """Raise :class:`TrainingDiverged` when a step's loss or gradient norm is NaN or infinite.
+
+    Call it after ``backward()`` and the gradient norm (e.g. the value ``clip_grad_norm_``
+    returns), and *before* ``optimizer.step()``: a step that fails is then never applied, so the
+    weights (and any checkpoint written from them) stay finite. The rule is to stop, not to skip:
+    once the loss or a gradient overflows, later steps almost always overflow too, and a skipped
+    step would silently change which data the run has seen. In a data-parallel loop pass the
+    all-reduced values, so that every rank stops at the same step::
+
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        check_finite_step(step, loss.detach(), norm)  # raises before the update
+        optimizer.step()
+
+    Args:
+        step: the optimizer step, for the message (number it as your logs do).
+        loss: the step's loss (a float or a one-element tensor).
+        grad_norm: the gradient norm before clipping, or None to check the loss only.
+
+    Raises:
+        TrainingDiverged: (a ``ValueError``) naming the step and the non-finite value.
+    """
+    loss_value = float(loss)
+    norm_value = None if grad_norm is None else float(grad_norm)
+    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
+        return
+    reason = f"loss {loss_value:.4g}" + ("" if norm_value is None else
+                                        f", gradient norm {norm_value:.4g}")
+    raise TrainingDiverged(step, reason, loss_value, norm_value)

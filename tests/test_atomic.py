@@ -1,18 +1,23 @@
-"""Crash-safe writes (lora_phi3/atomic.py): all-or-nothing files and directories, fsync, and the
-usual permissions (0666 / 0777 minus the umask) on everything written."""
+"""Crash-safe writes (lora_phi3/atomic.py): all-or-nothing files and directories, fsync, the
+usual permissions (0666 / 0777 minus the umask) on everything written, and a full disk."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from lora_phi3 import atomic
-from lora_phi3.atomic import (atomic_dir, atomic_write_dir, default_mode, make_temp_dir,
-                              write_bytes_atomic, write_json_atomic)
+from lora_phi3.atomic import (DiskFullError, atomic_dir, atomic_write_dir, default_mode,
+                              make_temp_dir, write_bytes_atomic, write_json_atomic, write_synced)
+from full_disk import WAYS, fill_disk
 
 
 @pytest.fixture
@@ -143,3 +148,63 @@ def test_atomic_write_dir_into_a_new_parent_and_over_old_files(tmp_path, umask_0
     atomic_write_dir(path, [("x", b"3")])
     assert (path / "x").read_bytes() == b"3" and (path / "y").read_bytes() == b"2"
     assert sorted(os.listdir(path)) == ["x", "y"]  # no temp files left
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("on", WAYS)
+def test_write_json_atomic_on_a_full_disk_says_what_and_where_and_keeps_the_old_file(
+        tmp_path, monkeypatch, on):
+    path = tmp_path / "summary.json"
+    write_json_atomic(path, {"step": 1})
+    new = {"step": 2, "note": "x" * 100}
+    size = len(json.dumps(new, indent=2, sort_keys=True)) + 1
+    fill_disk(monkeypatch, tmp_path, capacity=40, on=on)
+    with pytest.raises(DiskFullError, match=(
+            rf"^No space left on device: writing {re.escape(repr(str(path)))} needs {size} bytes; "
+            r"its filesystem has [\d,]+ bytes( \([\d.]+ MB\))? free\. "
+            r"Nothing there was changed: free some space and write again$")) as info:
+        write_json_atomic(path, new)
+    e = info.value
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC  # callers catching OSError still do
+    assert (e.filename, e.needed, e.at_least, e.unchanged) == (str(path), size, False, True)
+    assert 0 < e.free <= shutil.disk_usage(tmp_path).free + 2**20
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert os.listdir(tmp_path) == ["summary.json"]  # the temp file is gone
+    copy = pickle.loads(pickle.dumps(e))  # e.g. sent from a worker process: the same error
+    assert type(copy) is DiskFullError and str(copy) == str(e) and copy.errno == errno.ENOSPC
+
+
+def test_write_synced_on_a_full_disk_removes_the_part_it_wrote(tmp_path, monkeypatch):
+    fill_disk(monkeypatch, tmp_path, capacity=10)
+    with pytest.raises(DiskFullError, match=r"needs 2,000 bytes; its filesystem has") as info:
+        write_synced(tmp_path / "f", b"x" * 2000)
+    assert not info.value.unchanged and "Nothing there was changed" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_dir_on_a_full_disk_reports_at_least_what_was_written(tmp_path, monkeypatch):
+    fill_disk(monkeypatch, tmp_path, capacity=150)
+    with pytest.raises(DiskFullError, match=(
+            rf"writing {re.escape(repr(str(tmp_path / 'out')))} needs at least 300 bytes; ")):
+        with atomic_dir(tmp_path / "out") as d:
+            write_synced(d / "a", b"a" * 100)
+            write_synced(d / "b", b"b" * 200)  # 50 bytes fit: the error counts all 200
+            write_synced(d / "c", b"c" * 400)  # never reached
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("on", WAYS)
+def test_atomic_dir_replace_keeps_the_old_directory_until_the_new_one_is_whole(
+        tmp_path, monkeypatch, on):
+    target = tmp_path / "out"
+    with atomic_dir(target) as d:
+        (d / "old").write_text("1")
+    fill_disk(monkeypatch, tmp_path, capacity=5, on=on)
+    with pytest.raises(DiskFullError, match="Nothing there was changed"):
+        with atomic_dir(target, replace=True) as d:
+            write_synced(d / "new", b"2" * 10)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["old"]
+    monkeypatch.undo()
+    with atomic_dir(target, replace=True) as d:
+        (d / "new").write_text("2")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["new"]

@@ -59,3 +59,33 @@ def test_shared_layer_keys_follow_state_dict():
     model = nn.ModuleDict({"a": shared, "b": shared})
     assert sorted(lora.lora_state_dict(model)) == ["a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"]
     assert lora.lora_state_dict(shared).keys() == {"lora_A", "lora_B"}
+
+
+# -- the divergence guard --------------------------------------------------------------------------
+def test_check_finite_step_passes_finite_values_as_floats_or_tensors():
+    lora.check_finite_step(3, 2.5, 0.7)
+    lora.check_finite_step(3, torch.tensor(2.5, dtype=torch.float64), torch.tensor(0.7))
+    lora.check_finite_step(3, 2.5)  # no gradient norm: the loss alone is checked
+
+
+@pytest.mark.parametrize("loss,grad_norm,reason", [
+    (float("nan"), 1.0, "loss nan, gradient norm 1"),
+    (2.5, float("inf"), "loss 2.5, gradient norm inf"),
+    (torch.tensor(float("-inf")), None, "loss -inf"),
+])
+def test_check_finite_step_raises_naming_the_step_and_the_value(loss, grad_norm, reason):
+    message = rf"^training diverged at step 7: {reason}; lower the learning rate$"
+    with pytest.raises(lora.TrainingDiverged, match=message) as e:
+        lora.check_finite_step(7, loss, grad_norm)
+    assert isinstance(e.value, ValueError) and e.value.step == 7 and e.value.reason == reason
+    assert (e.value.grad_norm is None) == (grad_norm is None)
+
+
+def test_training_diverged_carries_its_fields_and_pickles_whole():
+    import pickle
+
+    err = lora.TrainingDiverged(4, "loss nan", float("nan"), None, "use --learning-rate 1e-5")
+    assert str(err) == "training diverged at step 4: loss nan; use --learning-rate 1e-5"
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) and back.step == 4 and back.advice == err.advice
+    assert "TrainingDiverged" in lora.__all__ and "check_finite_step" in lora.__all__

@@ -84,20 +84,26 @@ def dense_reference(model) -> Phi3ForCausalLM:
     return ref
 
 
-def saved_bytes(fn, exclude=frozenset()):
-    """``(bytes, fn())``: the bytes autograd saves for backward while ``fn()`` runs, each storage
-    counted once (by data pointer), storages whose data pointer is in ``exclude`` (the parameters')
-    left out; as ``benchmarks/bench_memory.py`` counts."""
-    seen = {}
+def saved_bytes(fn, exclude=frozenset()) -> int:
+    """The bytes autograd saves for backward while ``fn()`` runs, each storage counted once,
+    storages whose data pointer is in ``exclude`` (the parameters') left out: the very count
+    ``benchmarks/bench_memory.py`` reports (``benchmarks/common.saved_bytes``)."""
+    return _bench_common().saved_bytes(fn, set(exclude))
 
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
+
+def _bench_common():
+    import importlib.util
+    import pathlib
+    import sys
+
+    module = sys.modules.get("lora_phi3_bench_common")
+    if module is None:
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
+        spec = importlib.util.spec_from_file_location("lora_phi3_bench_common", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
 
 
 

@@ -1,6 +1,7 @@
 """Adapter files: our safetensors format, and export to / import from the HF PEFT format.
 
 - :mod:`.state`: what an adapter is inside a model (its tensors, per-module facts, a preview);
+- :mod:`.schema`: what our ``adapter_config.json`` may hold (checked before anything reads it);
 - :mod:`.validate`: reading files safely and checking them against a model;
 - :mod:`.files`: our format (``save_adapter``, ``read_adapter``, ``load_adapter``);
 - :mod:`.peft_export` / :mod:`.peft_import`: the HF PEFT format, both ways.

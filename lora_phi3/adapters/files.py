@@ -28,19 +28,17 @@ from ..atomic import atomic_write_dir
 from ..config import LoraConfig
 from ..inject.injector import get_lora_config, inject_lora
 from ..layers import lora_layers
+from .schema import (ADAPTER_CONFIG_FILE, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION,
+                     ADAPTER_TENSOR_FILE, check_adapter_json)
 from .state import adapter_state_dict, injected_preview, is_bare, module_meta, to_saveable
 from .validate import (FLOAT_DTYPES, check_against_model, check_config, check_modules,
-                       check_modules_exist, decode_safetensors, dtype_name, read_json)
+                       check_modules_exist, decode_safetensors, dtype_name, read_json,
+                       unlisted_module_tensors)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_adapter", "read_adapter", "load_adapter", "adapter_state_dict", "ADAPTER_FORMAT",
            "ADAPTER_FORMAT_VERSION", "ADAPTER_TENSOR_FILE", "ADAPTER_CONFIG_FILE"]
-
-ADAPTER_FORMAT = "lora_phi3.adapter"
-ADAPTER_FORMAT_VERSION = 1
-ADAPTER_TENSOR_FILE = "adapter.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 # -- save ------------------------------------------------------------------------------------------
@@ -90,8 +88,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         ``(config json, tensors)``.
 
     Raises:
-        ValueError: for a missing file, wrong format or version, checksum mismatch, corrupt or
-            truncated tensor file, or tensors that disagree with the json.
+        ValueError: for a missing file, a json field of the wrong type or value (naming its path,
+            :func:`~.schema.check_adapter_json`), a checksum mismatch, a corrupt or truncated
+            tensor file, or tensors that disagree with the json's ``tensors`` or ``modules``.
     """
     path = Path(path)
     cfg_path, st_path = path / ADAPTER_CONFIG_FILE, path / ADAPTER_TENSOR_FILE
@@ -99,22 +98,13 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         if not p.is_file():
             raise ValueError(f"adapter directory {str(path)!r} lacks {p.name!r}")
     doc = read_json(cfg_path)
-    if doc.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{cfg_path}: format is {doc.get('format')!r}, expected "
-                         f"{ADAPTER_FORMAT!r} (for a PEFT adapter use import_peft)")
-    version = doc.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {version!r} is not supported; this library "
-                         f"reads versions 1..{ADAPTER_FORMAT_VERSION}")
-    for field in ("sha256", "tensors", "modules"):
-        if field not in doc:
-            raise ValueError(f"{cfg_path}: missing field {field!r}")
+    check_adapter_json(doc, str(cfg_path))  # every field's type, before anything reads it
     data = st_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != doc["sha256"] or len(data) != doc.get("num_bytes", len(data)):
+    if digest != doc["sha256"] or len(data) != doc["num_bytes"]:
         raise ValueError(f"{st_path}: checksum mismatch (sha256 {digest[:16]}..., {len(data)} bytes; "
-                         f"{ADAPTER_CONFIG_FILE} expects {str(doc['sha256'])[:16]}..., "
-                         f"{doc.get('num_bytes')} bytes): the tensor file is truncated, corrupt or "
+                         f"{ADAPTER_CONFIG_FILE} expects {doc['sha256'][:16]}..., "
+                         f"{doc['num_bytes']} bytes): the tensor file is truncated, corrupt or "
                          "from another save")
     tensors = decode_safetensors(data, str(st_path))
     listed = doc["tensors"]
@@ -125,13 +115,14 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
                         f"{sorted(set(listed) - set(tensors))}")
     for key, t in tensors.items():
         info = listed.get(key)
-        if info is not None and (list(t.shape) != info.get("shape")
-                                 or dtype_name(t.dtype) != info.get("dtype")):
+        if info is not None and (list(t.shape) != info["shape"]
+                                 or dtype_name(t.dtype) != info["dtype"]):
             problems.append(f"{key}: file has {dtype_name(t.dtype)} {list(t.shape)}, json says "
-                            f"{info.get('dtype')} {info.get('shape')}")
+                            f"{info['dtype']} {info['shape']}")
         if t.dtype not in FLOAT_DTYPES:
             problems.append(f"{key}: dtype {dtype_name(t.dtype)} is not a floating dtype "
                             f"(allowed: {[dtype_name(d) for d in FLOAT_DTYPES]})")
+    problems += unlisted_module_tensors(doc["modules"], tensors)
     if problems:
         raise ValueError(f"adapter {str(path)!r} is inconsistent: " + "; ".join(problems))
     return doc, tensors
@@ -148,8 +139,10 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     Args:
         model: the model to load into.
         path: the adapter directory.
-        strict: refuse missing and unexpected keys and a differing ``LoraConfig``. Shapes,
-            non-float dtypes, module types/ranks/scalings and file integrity are always checked.
+        strict: refuse missing and unexpected keys (and ``modules`` entries the model lacks) and
+            a differing ``LoraConfig``. The json schema, file integrity, shapes, non-float dtypes
+            and every per-module fact (kind, r, lora_alpha, scaling, in/out features, slices)
+            are always checked.
 
     Returns:
         ``model``.
@@ -159,7 +152,7 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     """
     doc, tensors = read_adapter(path)
     where = f"adapter {str(path)!r}"
-    saved_cfg = doc.get("lora_config")
+    saved_cfg = doc["lora_config"]
     target, config = model, None
     if is_bare(model):
         if saved_cfg is None:
@@ -169,10 +162,10 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         if problems:
             raise ValueError(f"{where} does not fit the model (nothing was changed): "
                              + "; ".join(problems))
-        config = LoraConfig.from_dict(saved_cfg)
+        config = LoraConfig.from_dict(saved_cfg)  # valid: read_adapter checked it
         target = injected_preview(model, config)  # validate against a weightless copy
     problems = check_against_model(target, tensors, strict, where)
-    problems += check_modules(target, doc["modules"])
+    problems += check_modules(target, doc["modules"], strict)
     if strict:
         problems += check_config(get_lora_config(target), saved_cfg)
     if problems:

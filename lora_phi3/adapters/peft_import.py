@@ -42,16 +42,44 @@ _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_embedding_A|lora_embedding_
 
 
 def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
+    """Refuse a PEFT config this import cannot read as plain LoRA: wrong types included."""
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool) \
-                or cfg[field] <= 0:
-            raise ValueError(f"{where}: {field} must be a positive number, got {cfg.get(field)!r}")
+    if not _positive(cfg.get("r"), int):
+        raise ValueError(f"{where}: r must be a positive int, got {cfg.get('r')!r}")
+    if not _positive(cfg.get("lora_alpha"), (int, float)):
+        raise ValueError(f"{where}: lora_alpha must be a positive number, got {cfg.get('lora_alpha')!r}")
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = cfg.get(field)
+        if pattern is not None and not (isinstance(pattern, dict) and all(
+                _positive(v, kind) for v in pattern.values())):
+            raise ValueError(f"{where}: {field} must be an object {{module regex: positive "
+                             f"{'int' if kind is int else 'number'}}} or null, got {pattern!r}")
+        for key in pattern or {}:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{where}: {field} key {key!r} is not a valid regex ({e})") from None
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if cfg.get(field) is not None and not isinstance(cfg[field], bool):
+            raise ValueError(f"{where}: {field} must be a bool, got {cfg[field]!r}")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+                                    and 0 <= dropout < 1):
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {dropout!r}")
+    to_save = cfg.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list)
+                                    and all(isinstance(n, str) and n for n in to_save)):
+        raise ValueError(f"{where}: modules_to_save must be a list of module names or null, "
+                         f"got {to_save!r}")
     for field in _UNSUPPORTED:
         if cfg.get(field):
             raise ValueError(f"{where}: {field}={cfg[field]!r} is a LoRA variant this library does "
                              f"not implement; only plain LoRA loads (set {field} to false/null)")
+
+
+def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _pattern_value(pattern: dict[str, Any], module: str) -> Any:
@@ -60,6 +88,11 @@ def _pattern_value(pattern: dict[str, Any], module: str) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return None
+
+
+def _peft_rank(cfg: dict[str, Any], module: str) -> int:
+    """The rank PEFT gives ``module``: its ``rank_pattern`` entry, else ``r``."""
+    return _pattern_value(cfg.get("rank_pattern") or {}, module) or cfg["r"]
 
 
 def _peft_scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
@@ -240,6 +273,17 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     modules, extras = _group_keys(tensors, where)
     if not modules:
         raise ValueError(f"{where} holds no lora_A/lora_B tensors")
+    problems = []
+    for name, entry in sorted(modules.items()):
+        A, B, rank = entry["A"], entry["B"], _peft_rank(cfg, name)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            problems.append(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
+                            "a (rank, in), (out, rank) pair")
+        elif A.shape[0] != rank:
+            problems.append(f"{name}: lora_A has rank {A.shape[0]}, the config says {rank} "
+                            "(r, or its rank_pattern entry)")
+    if problems:
+        raise ValueError(f"{where} disagrees with itself: " + "; ".join(problems))
     if cfg.get("init_lora_weights") == "loftq" or cfg.get("loftq_config"):
         logger.warning("%s was trained with LoftQ: it expects the LoftQ-initialised base weights", where)
 

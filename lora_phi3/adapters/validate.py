@@ -19,12 +19,17 @@ from safetensors.torch import load as st_load
 
 from ..config import LoraConfig
 from ..layers import lora_layers
+from .schema import MODULE_FIELDS
 from .state import adapter_state_dict, module_meta
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FLOAT_DTYPES", "dtype_name", "decode_safetensors", "read_json", "non_float_keys",
-           "check_against_model", "check_modules", "check_config", "check_modules_exist"]
+           "check_against_model", "check_modules", "check_config", "check_modules_exist",
+           "unlisted_module_tensors"]
+
+# The tensors every LoRA layer holds (variants may add more: LoRALayer.adapter_param_names).
+_LORA_PARAMS = ("lora_A", "lora_B")
 
 # The dtypes an adapter tensor may have (anything else is refused, never cast).
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -116,20 +121,45 @@ def check_against_model(model: nn.Module, tensors: dict[str, torch.Tensor], stri
     return problems
 
 
-def check_modules(model: nn.Module, modules: dict[str, Any]) -> list[str]:
-    """Problems where a file's per-module facts (kind, rank, scaling, slices) differ from the model's."""
+def check_modules(model: nn.Module, modules: dict[str, Any], strict: bool = True) -> list[str]:
+    """Problems where a file's per-module facts differ from the model's layers.
+
+    Every fact :func:`~.state.module_meta` records is compared (kind, r, lora_alpha, scaling,
+    in/out features, fan_in_fan_out, split_sizes, enable_lora, ...), except ``type``, the class
+    that saved it (an adapter saved over an NF4 base loads into the same family over a dense one).
+    A fact the file lacks or has in excess counts as a difference. With ``strict``, an entry for
+    a module that is no LoRA layer of the model is a problem; otherwise it is skipped with its
+    tensors (the unexpected keys).
+    """
     problems = []
     layers = lora_layers(model)
     for name, saved in modules.items():
         module = layers.get(name)
         if module is None:
-            continue  # reported as unexpected keys
+            if strict:
+                problems.append(f"module {name} (in the file's modules) is not a LoRA layer of the "
+                                "model")
+            continue
         have = module_meta(module)
-        diff = {k: (saved.get(k), have[k]) for k in ("kind", "r", "scaling", "split_sizes",
-                                                     "enable_lora", "fan_in_fan_out")
-                if k in have and saved.get(k) != have[k]}
+        diff = {k: (saved.get(k), have.get(k)) for k in MODULE_FIELDS
+                if k != "type" and saved.get(k) != have.get(k)}
         if diff:
             problems.append(f"module {name} differs (file, model): {diff}")
+    return problems
+
+
+def unlisted_module_tensors(modules: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Where a file disagrees with itself: LoRA tensors of a module its ``modules`` does not
+    list, or a listed module without its ``lora_A``/``lora_B`` tensors."""
+    problems = []
+    for key in sorted(tensors):
+        name, _, leaf = key.rpartition(".")
+        if leaf in _LORA_PARAMS and name not in modules:
+            problems.append(f"tensor {key} belongs to no entry of modules")
+    for name in sorted(modules):
+        absent = [k for k in (f"{name}.{p}" if name else p for p in _LORA_PARAMS) if k not in tensors]
+        if absent:
+            problems.append(f"modules[{name!r}] has no tensors {absent}")
     return problems
 
 

@@ -5,8 +5,10 @@ whole job; ``load_recipe`` builds a recipe from a YAML file and command-line ove
 """
 
 from .generate import generate_answer
-from .job import DEMO_NOTICE, finetune, set_seed
+from .job import DEMO_NOTICE, FinetuneJob, finetune, set_seed
+from .preemption import TrainingInterrupted
+from .run_lock import RunDirLocked
 from .recipe import Recipe, TrainingConfig, load_recipe
 
-__all__ = ["finetune", "load_recipe", "Recipe", "TrainingConfig", "DEMO_NOTICE", "generate_answer",
-           "set_seed"]
+__all__ = ["finetune", "FinetuneJob", "load_recipe", "Recipe", "TrainingConfig", "TrainingInterrupted",
+           "RunDirLocked", "DEMO_NOTICE", "generate_answer", "set_seed"]

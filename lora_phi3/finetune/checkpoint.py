@@ -11,11 +11,13 @@ A checkpoint is ``<output-dir>/checkpoint-<step>/`` holding
 
 Everything is written into a hidden temporary directory next to the final one, which is then
 renamed (:func:`lora_phi3.atomic.atomic_dir`): a ``kill -9`` at any moment leaves either no
-checkpoint or a complete one.
+checkpoint or a complete one. A full disk raises :class:`lora_phi3.atomic.DiskFullError` with the
+checkpoint's size; the older checkpoints are untouched (rotation runs only after a save succeeded).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..atomic import atomic_dir
+from ..atomic import DiskFullError, atomic_dir, write_synced
 
 logger = logging.getLogger(__name__)
 
@@ -171,22 +173,44 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
 
     Returns:
         The final checkpoint path.
+
+    Raises:
+        DiskFullError: the disk filled up; ``needed`` is the whole checkpoint's size. Nothing was
+            changed: no temp directory is left, and an existing ``checkpoint-<step>`` is kept.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
-    with atomic_dir(final, prefix=f"{TMP_PREFIX}{step}-") as tmp:
-        write_adapter(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for rank, st in enumerate(rng_states):
-            torch.save(st, tmp / f"rng_state_{rank}.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-        (tmp / COMPLETE_MARKER).write_text("")
-        if final.exists():  # e.g. a resumed run re-saving the same step
-            _remove_checkpoint(final)
+    # Serialised in memory first (torch.save on a full disk fails with a RuntimeError that names
+    # neither the file nor the cause), so every byte goes through write_synced, and the size of
+    # what is still to be written is known if the disk fills up.
+    files = [("optimizer.pt", _torch_bytes(optimizer.state_dict())),
+             ("scheduler.pt", _torch_bytes(scheduler.state_dict())),
+             *((f"rng_state_{rank}.pt", _torch_bytes(st)) for rank, st in enumerate(rng_states)),
+             (STATE_FILE, (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()),
+             (COMPLETE_MARKER, b"")]
+    not_started, adapter_written = sum(len(data) for _, data in files), False
+    try:
+        # replace: a run re-saving a step keeps the old checkpoint until the new one is whole
+        with atomic_dir(final, prefix=f"{TMP_PREFIX}{step}-", replace=True) as tmp:
+            write_adapter(tmp)
+            adapter_written = True
+            for name, data in files:
+                not_started -= len(data)
+                write_synced(tmp / name, data)
+    except DiskFullError as e:  # e.needed: what was written plus the write that failed
+        # exact unless write_adapter failed with a bare OSError (then its partial file was counted)
+        exact = adapter_written or isinstance(e.__cause__, DiskFullError)
+        raise DiskFullError(final, e.needed + not_started, code=e.errno, at_least=not exact,
+                            unchanged=True) from e
     logger.info("saved checkpoint %s", final)
     rotate_checkpoints(root, save_total_limit)
     return final
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def load_training_state(path: str | os.PathLike, rank: int = 0, *,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .recipe import LR_SCHEDULERS, ON_BAD_ROW, flag_name
+from .run_lock import RunDirLocked
 
 logger = logging.getLogger("lora_phi3.cli")
 
@@ -171,7 +172,7 @@ def _load_base(name: str | None):
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .job import DEMO_NOTICE, finetune
+    from .job import DEMO_NOTICE, TrainingInterrupted, finetune
     from .recipe import load_recipe
 
     recipe = load_recipe(args.config, overrides=_overrides(args))
@@ -194,6 +195,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             summary = finetune(recipe, resume=args.resume or False,
                                overwrite_output_dir=args.overwrite_output_dir,
                                progress=not args.no_progress, device=args.device)
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(f"lora-phi3 finetune: {e}", file=sys.stderr)
+        return e.exit_status  # 128 + signal number, as if the signal had ended the process
     finally:
         torch.set_num_threads(threads)
     if main_rank:
@@ -217,20 +222,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .. import load_adapter, merge_and_unload
     from ..atomic import atomic_dir
+    from .run_lock import RunLock
 
-    base = _base_model_of(args.adapter, args.model)
-    model, tokenizer = _load_base(base)
-    load_adapter(model, args.adapter)
-    model = merge_and_unload(model)
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"lora-phi3 merge: --output-dir {out} exists and is not empty; choose a new "
-                         "directory (a merged checkpoint is never written over another)")
-    # Written complete into a temp dir beside the target, then renamed: a crash never leaves a
-    # half-written checkpoint that from_pretrained would load.
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with RunLock.beside(out):  # one writer: refuse a second merge into the same directory
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"lora-phi3 merge: --output-dir {out} exists and is not empty; choose "
+                             "a new directory (a merged checkpoint is never written over another)")
+        base = _base_model_of(args.adapter, args.model)
+        model, tokenizer = _load_base(base)
+        load_adapter(model, args.adapter)
+        model = merge_and_unload(model)
+        # Written complete into a temp dir beside the target, then renamed: a crash never leaves
+        # a half-written checkpoint that from_pretrained would load.
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained or "
           f"--model {out})")
     return 0
@@ -274,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError, RunDirLocked) as e:
         logger.debug("error details", exc_info=True)
         parser.exit(2, f"lora-phi3 {args.command}: error: {e}\n")
     return 0  # pragma: no cover

@@ -23,7 +23,7 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistState", "setup_distributed", "teardown_distributed", "wrap_model", "unwrap_model",
-           "all_reduce_sum", "no_sync", "all_gather_objects", "barrier"]
+           "all_reduce_sum", "all_reduce_max", "no_sync", "all_gather_objects", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,13 @@ def all_reduce_sum(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (returned for chaining); no-op for one process."""
     if state.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, state: DistState) -> torch.Tensor:
+    """Maximum of ``tensor`` over ranks in place (returned for chaining); no-op for one process."""
+    if state.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

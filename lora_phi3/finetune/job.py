@@ -3,7 +3,7 @@
 This is what ``lora-phi3 finetune`` runs, and the Python API equivalent of it. The job is a
 :class:`FinetuneJob` whose steps are separate methods (``setup``, ``train``, ``evaluate``,
 ``save_checkpoint``, ``finish``, ``cleanup``) and whose state lives in its attributes; the loop's
-running totals are one :class:`TrainState`, which is what a checkpoint stores.
+running totals are one :class:`~.run_state.TrainState`, which is what a checkpoint stores.
 
 Outputs in ``recipe.output_dir`` (written by rank 0 only): ``checkpoint-<step>/``, ``adapter/``,
 ``metrics.jsonl``, ``loss_curve.png`` (with matplotlib), ``summary.json`` and ``recipe.json``.
@@ -11,31 +11,31 @@ Outputs in ``recipe.output_dir`` (written by rank 0 only): ``checkpoint-<step>/`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
+import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 # The library through its public face only (``lora_phi3/__init__``): never through its internals.
-from .. import (inject_lora, load_adapter, load_quantized_model,
+from .. import (TrainingDiverged, inject_lora, load_adapter, load_quantized_model,
                 save_adapter)
-from ..atomic import write_json_atomic
 from . import checkpoint as ckpt
 from .dataset import TrainingData, prepare_data
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, wrap_model)
 from .generate import sample_answer
-from .models import REAL_PHI3_MINI, count_parameters, load_model
+from .models import DEMO_NOTICE, count_parameters, load_model
 from .packing import collate
+from .preemption import StopSignals, TrainingInterrupted
 from .recipe import Recipe
-from .reporting import MetricsLog, check_output_dir, peak_memory_bytes, perplexity, plot_loss_curve
+from .reporting import (MetricsLog, check_output_dir, fmt_loss, json_safe, peak_memory_bytes,
+                        perplexity, plot_loss_curve, write_json)
+from .run_lock import RunLock
+from .run_state import LogWindow, TrainState, set_seed
 from .tokenizer import load_tokenizer
 from .train import (CausalLMLoss, StepPlan, bf16_supported, enable_gradient_checkpointing,
                     evaluate, global_batch_indices, local_micro_batches, make_optimizer,
@@ -43,52 +43,7 @@ from .train import (CausalLMLoss, StepPlan, bf16_supported, enable_gradient_chec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "FinetuneJob", "TrainState", "DEMO_NOTICE", "set_seed"]
-
-DEMO_NOTICE = (
-    "This is the embedded TINY DEMONSTRATION model (a randomly initialised 2-layer Phi-3 on toy "
-    "tasks), not Phi-3-mini: it shows the pipeline end to end, offline, in under a minute. "
-    f"For the real model run: lora-phi3 finetune --model {REAL_PHI3_MINI} --data your_chats.jsonl "
-    "(or --config recipes/phi3-mini.yaml)"
-)
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python ``random``, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class TrainState:
-    """The loop's position and running totals: saved in every checkpoint, restored on resume."""
-
-    step: int = 0                        # optimizer steps done
-    train_tokens: int = 0                # tokens (labels or not) of every global batch so far
-    train_seconds: float = 0.0           # time inside train_step, summed
-    base_eval_loss: float | None = None  # eval loss before training (None: no eval data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
-        """The fields of ``data`` (a checkpoint's ``trainer_state``, which holds more keys)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclass
-class _LogWindow:
-    """Training records since the last logged step (the logged loss is their token mean)."""
-
-    loss_sum: float = 0.0
-    label_tokens: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+__all__ = ["finetune", "FinetuneJob", "TrainState", "TrainingInterrupted", "DEMO_NOTICE", "set_seed"]
 
 
 class FinetuneJob:
@@ -111,12 +66,16 @@ class FinetuneJob:
         self.t0 = time.time()
         self.dist: DistState | None = None
         self.state = TrainState()
+        self.lock = RunLock.for_run_dir(self.out)  # taken by rank 0 in setup, released in cleanup
+        self.stop_signals = StopSignals()  # SIGTERM/SIGINT stop at a step boundary while installed
+        self._saved_step = -1  # step of the last checkpoint written
 
     def run(self) -> dict[str, Any]:
         """Set up, train, evaluate and write the outputs. Returns the summary (every rank)."""
         try:
             self.setup()
-            self.train()
+            with self.stop_signals:
+                self.train()
             return self.finish()
         finally:
             self.cleanup()
@@ -130,6 +89,7 @@ class FinetuneJob:
         if self.recipe.is_demo:
             logger.warning(DEMO_NOTICE)
         if dist.is_main:
+            self.lock.acquire()  # before anything reads or cleans the directory
             self._prepare_output_dir()
         barrier(dist)
         set_seed(t.seed)
@@ -161,7 +121,7 @@ class FinetuneJob:
         check_output_dir(self.out, self.resume, self.overwrite_output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial_checkpoints(self.out)
-        write_json_atomic(self.out / "recipe.json", self.recipe.to_dict())
+        write_json(self.out / "recipe.json", self.recipe.to_dict())
 
     def _resume_or_evaluate_base(self) -> None:
         """Continue from the checkpoint ``resume`` names, or start fresh with the base eval loss."""
@@ -224,7 +184,7 @@ class FinetuneJob:
             from tqdm.auto import tqdm
             bar = tqdm(total=plan.total_steps, initial=self.state.step, desc="finetune",
                        unit="step", dynamic_ncols=True)
-        window = _LogWindow()
+        window = LogWindow()
         order_cache: dict = {}
         try:
             for step in range(self.state.step, plan.total_steps):
@@ -241,11 +201,14 @@ class FinetuneJob:
                                     tok_s=f"{tok_s:,.0f}")
                 if done % t.logging_steps == 0 or done == plan.total_steps:
                     self._log_train(res, window)
-                    window = _LogWindow()
+                    window = LogWindow()
                 if t.eval_steps and done % t.eval_steps == 0 and done < plan.total_steps:
                     self.evaluate(done)
                 if t.save_steps and done % t.save_steps == 0 and done < plan.total_steps:
                     self.save_checkpoint()
+                signum = self.stop_signals.agreed(self.dist)  # the same step on every rank
+                if signum is not None:
+                    self._stop(signum, res, window)
         finally:
             if bar is not None:
                 bar.close()
@@ -265,15 +228,29 @@ class FinetuneJob:
                                                t.gradient_accumulation_steps)]
         start = time.perf_counter()
         # train_step is looked up in this module at each call (a test patches it to kill the run).
-        res = train_step(self.wrapped, micro, self.optimizer, self.scheduler, self.params,
-                         dist=self.dist, max_grad_norm=t.max_grad_norm, bf16=self.use_bf16)
+        try:
+            res = train_step(self.wrapped, micro, self.optimizer, self.scheduler, self.params,
+                             dist=self.dist, max_grad_norm=t.max_grad_norm, bf16=self.use_bf16,
+                             step=step + 1)
+        except TrainingDiverged as e:  # raised before the update, on every rank at this step
+            raise self._diverged(e.step, f"{e.reason} (the update was not applied)",
+                                 e.loss, e.grad_norm) from None
         seconds = time.perf_counter() - start
         self.state.step = step + 1
         self.state.train_tokens += n_tokens
         self.state.train_seconds += seconds
         return res, n_tokens, seconds
 
-    def _log_train(self, res: dict[str, float], window: _LogWindow) -> None:
+    def _stop(self, signum: int, res: dict[str, float], window: LogWindow) -> None:
+        """Log the open window, checkpoint the steps done (unless just saved) and raise."""
+        if window.tokens:
+            self._log_train(res, window)
+        if self._saved_step != self.state.step:
+            self.save_checkpoint()
+        raise TrainingInterrupted(signum, self.state.step, self.plan.total_steps,
+                                  self.out / f"checkpoint-{self.state.step}")
+
+    def _log_train(self, res: dict[str, float], window: LogWindow) -> None:
         done, plan = self.state.step, self.plan
         rec = {"type": "train", "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
                "loss": window.loss_sum / max(window.label_tokens, 1), "lr": res["lr"],
@@ -297,12 +274,15 @@ class FinetuneJob:
             rec["base"] = True
         self.metrics.append(rec)
         logger.info("%s: eval loss %s, perplexity %s", "base model" if base else f"step {step}",
-                    _fmt(loss), _fmt(perplexity(loss)))
+                    fmt_loss(loss), fmt_loss(perplexity(loss)))
+        if not base and loss is not None and not math.isfinite(loss):  # all-reduced: every rank
+            raise self._diverged(step, f"eval loss {loss:.4g}")
         return loss
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint-<step>`` (rank 0), with every rank's RNG states."""
         dist, plan, t, step = self.dist, self.plan, self.cfg, self.state.step
+        self._check_weights_finite(step)  # a checkpoint is always one a run can go on from
         rng = all_gather_objects(ckpt.capture_rng_state(), dist)  # every rank's, in memory
         if dist.is_main:
             epoch, pos = divmod(step, plan.steps_per_epoch)
@@ -313,13 +293,38 @@ class FinetuneJob:
             ckpt.save_checkpoint(self.out, step,
                                  write_adapter=lambda p: save_adapter(self.model, p),
                                  optimizer=self.optimizer, scheduler=self.scheduler,
-                                 rng_states=rng, trainer_state=trainer_state,
+                                 rng_states=rng, trainer_state=json_safe(trainer_state),
                                  save_total_limit=t.save_total_limit)
+        self._saved_step = step
         barrier(dist)
+
+    def _check_weights_finite(self, step: int) -> None:
+        """Raise before NaN/inf trainable weights are saved (DDP keeps them equal on all ranks)."""
+        bad = [n for n, p in self.model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise self._diverged(step, f"{len(bad)} trainable tensors hold NaN or inf ({names})")
+
+    def _diverged(self, step: int, reason: str, loss: float | None = None,
+                  grad_norm: float | None = None) -> TrainingDiverged:
+        """Record a divergence in ``metrics.jsonl`` and build the job's error: the step, what to
+        change, and what is kept (the final adapter is never written after this)."""
+        self.metrics.append({"type": "diverged", "step": step, "reason": reason, "loss": loss,
+                             "grad_norm": grad_norm})
+        lr = self.cfg.learning_rate
+        last = ckpt.find_latest_checkpoint(self.out)
+        kept = (f"the last good checkpoint is kept: {last}" if last is not None
+                else "no checkpoint had been saved")
+        advice = (f"lower the learning rate (--learning-rate, {lr:g} in this run; try {lr / 10:g}) "
+                  f"and start a new run. No final adapter was written; {kept}")
+        return TrainingDiverged(step, reason, loss, grad_norm, advice)
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation; rank 0 writes the adapter, a sample answer, the loss curve and
         ``summary.json``. Returns the summary."""
+        self._check_weights_finite(self.state.step)  # never a non-finite final adapter
         final_loss = self.evaluate(self.plan.total_steps)
         summary = self._summary(final_loss)
         if self.dist.is_main:
@@ -329,9 +334,9 @@ class FinetuneJob:
             if sample is not None:
                 summary["sample"] = sample
             plot_loss_curve(self.metrics.read(), out / "loss_curve.png")
-            write_json_atomic(out / "summary.json", summary)
+            write_json(out / "summary.json", summary)  # null for NaN/inf, as in every file
             logger.info("done: eval loss %s -> %s in %d steps, %.1f s; adapter in %s",
-                        _fmt(summary["base_eval_loss"]), _fmt(final_loss), self.state.step,
+                        fmt_loss(summary["base_eval_loss"]), fmt_loss(final_loss), self.state.step,
                         summary["seconds"], out / "adapter")
         barrier(self.dist)
         return summary
@@ -360,7 +365,8 @@ class FinetuneJob:
         }
 
     def cleanup(self) -> None:
-        """Leave the process group (safe to call after a failed ``setup``)."""
+        """Release the run dir and leave the process group (safe after a failed ``setup``)."""
+        self.lock.release()
         if self.dist is not None:
             teardown_distributed(self.dist)
 
@@ -383,10 +389,11 @@ def finetune(recipe: Recipe, *, resume: bool | str = False, overwrite_output_dir
     Raises:
         ValueError: bad data (with ``on_bad_row="error"``), an output dir holding another run,
             a checkpoint from a run with another seed or global batch size, and other user errors.
+        TrainingDiverged: (a ``ValueError``, ``lora_phi3.TrainingDiverged``) a NaN or infinite
+            loss, gradient norm or weight; ``.step`` names the step. Nothing non-finite is saved:
+            no final adapter, and the checkpoints written before it are kept.
+        RunDirLocked: another live process is writing the output dir.
+        TrainingInterrupted: SIGTERM or SIGINT stopped training; its checkpoint resumes exactly.
     """
     return FinetuneJob(recipe, resume=resume, overwrite_output_dir=overwrite_output_dir,
                        progress=progress, device=device).run()
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"

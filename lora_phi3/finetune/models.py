@@ -18,10 +18,17 @@ from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_model", "build_tiny_phi3", "tiny_phi3_config", "TINY_PHI3", "REAL_PHI3_MINI",
-           "resolve_dtype", "count_parameters"]
+           "DEMO_NOTICE", "resolve_dtype", "count_parameters"]
 
 #: The hub id of the model the tool is built for.
 REAL_PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
+#: What the job prints whenever it runs on the embedded model, so no one mistakes it for Phi-3-mini.
+DEMO_NOTICE = (
+    "This is the embedded TINY DEMONSTRATION model (a randomly initialised 2-layer Phi-3 on toy "
+    "tasks), not Phi-3-mini: it shows the pipeline end to end, offline, in under a minute. "
+    f"For the real model run: lora-phi3 finetune --model {REAL_PHI3_MINI} --data your_chats.jsonl "
+    "(or --config recipes/phi3-mini.yaml)"
+)
 
 #: Shape of the embedded demo model (vocab size comes from the tokenizer). Phi-3-mini is
 #: hidden 3072, 32 layers, 32 heads (no GQA), intermediate 8192. ``initializer_range`` is 0.1, not

@@ -2,6 +2,10 @@
 
 Only the main process (rank 0) calls these. Files are replaced atomically (``lora_phi3.atomic``);
 ``metrics.jsonl`` is append-only.
+
+Every JSON document the job writes goes through :func:`to_json`: standard JSON only, with
+``null`` where a number is NaN or infinite (Python's ``json`` would write bare ``NaN`` and
+``Infinity``, which ``jq`` and strict parsers reject).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from ..atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RUN_FILES", "check_output_dir", "MetricsLog", "plot_loss_curve", "peak_memory_bytes", "perplexity"]
+__all__ = ["RUN_FILES", "check_output_dir", "MetricsLog", "plot_loss_curve", "peak_memory_bytes",
+           "perplexity", "json_safe", "to_json", "write_json", "fmt_loss"]
 
 
 #: What a run writes into its output dir besides ``checkpoint-<step>/`` (``--overwrite-output-dir``
@@ -54,6 +59,31 @@ def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
                      "another --output-dir")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (also in nested dicts and lists;
+    tuples become lists, as in JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as key-sorted standard JSON, non-finite numbers as ``null`` (:func:`json_safe`).
+
+    ``allow_nan=False`` backs the sanitiser up: a ``NaN`` it missed raises instead of being written.
+    """
+    return json.dumps(json_safe(value), indent=indent, sort_keys=True, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Replace ``path`` atomically by ``value`` as indented :func:`to_json`."""
+    write_bytes_atomic(path, (to_json(value, indent=2) + "\n").encode())
+
+
 def perplexity(loss: float | None) -> float | None:
     """``exp(loss)``, ``inf`` on overflow, None for None."""
     if loss is None:
@@ -80,7 +110,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(to_json(record) + "\n")
             f.flush()
 
     def read(self) -> list[dict[str, Any]]:
@@ -100,8 +130,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in self.read() if r.get("step", 0) <= step]
-        write_bytes_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                              for r in keep).encode())
+        write_bytes_atomic(self.path, "".join(to_json(r) + "\n" for r in keep).encode())
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike) -> bool:
@@ -151,3 +180,8 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_max_rss"
+
+
+def fmt_loss(x: float | None) -> str:
+    """A loss or perplexity for the log: 4 decimals, or ``n/a`` when there is none."""
+    return "n/a" if x is None else f"{x:.4f}"

@@ -11,6 +11,10 @@ Data order. Step ``s`` uses global batch ``s % steps_per_epoch`` of a permutatio
 ``(seed, epoch)`` (``data.batches``); rank ``r`` takes its contiguous share of that global batch
 and splits it into micro-batches. The order therefore depends only on the seed and the global
 batch size, never on how the global batch is split.
+
+Divergence. A NaN or infinite global loss or gradient norm raises ``TrainingDiverged`` before the
+optimizer step, on every rank at the same step (:func:`lora_phi3.check_finite_step`): the run
+stops rather than skipping the step, and the weights stay finite.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .. import TrainingDiverged, check_finite_step
 from .distributed import DistState, all_reduce_sum, no_sync
 from .losses import IGNORE_INDEX, lm_loss_sum
 from .packing import batches, collate
@@ -191,18 +196,26 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def train_step(wrapped: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scheduler: Any, params: Sequence[nn.Parameter],
                *, dist: DistState, max_grad_norm: float = 0.0,
-               bf16: bool = False) -> dict[str, float]:
+               bf16: bool = False, step: int | None = None) -> dict[str, float]:
     """Accumulate gradients over ``micro_batches`` and take one optimizer step.
+
+    A non-finite global loss or gradient norm stops the run before the update
+    (:func:`lora_phi3.check_finite_step`): the weights stay as they were, the gradients are
+    cleared, and every rank raises at the same step, since both values are all-reduced.
 
     Args:
         wrapped: the (possibly DDP-wrapped) :class:`CausalLMLoss`.
         micro_batches: this rank's collated micro-batches (``collate`` output).
         params: the trainable parameters (clipped together).
         max_grad_norm: clip to this global norm; 0 disables clipping (the norm is still reported).
+        step: this step's number in messages (default: the scheduler's count + 1, i.e. 1-based).
 
     Returns:
         ``{"loss": global token-mean loss, "label_tokens": global count, "grad_norm", "lr"}``
         (``lr`` is the one used by this step).
+
+    Raises:
+        TrainingDiverged: the loss or the gradient norm is NaN or infinite (nothing was applied).
     """
     device = dist.device
     local = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
@@ -217,13 +230,23 @@ def train_step(wrapped: nn.Module, micro_batches: Sequence[dict[str, torch.Tenso
                 loss_sum, _ = wrapped(**_to(mb, device))
             (loss_sum * scale).backward()
         loss_total += loss_sum.detach().double()
-    all_reduce_sum(loss_total, dist)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    # One all-reduce carries the loss sum and how many ranks saw a non-finite gradient norm, so
+    # the divergence check below decides on the same numbers on every rank.
+    bad_norm = (~torch.isfinite(norm)).to(loss_total.device, torch.float64)
+    totals = torch.stack([loss_total, bad_norm])
+    all_reduce_sum(totals, dist)
+    loss = float(totals[0]) / max(count, 1)
+    grad_norm = float(norm) if float(totals[1]) == 0 else math.nan
+    try:
+        check_finite_step(step if step is not None else scheduler.last_epoch + 1, loss, grad_norm)
+    except TrainingDiverged:
+        optimizer.zero_grad(set_to_none=True)  # the step is dropped whole: no update, no grads
+        raise
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(loss_total) / max(count, 1), "label_tokens": count,
-            "grad_norm": float(norm), "lr": lr}
+    return {"loss": loss, "label_tokens": count, "grad_norm": grad_norm, "lr": lr}
 
 
 # -- evaluation ----------------------------------------------------------------------------------

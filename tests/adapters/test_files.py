@@ -34,11 +34,14 @@ def assert_unchanged(model, snap):
 
 
 def rewrite(path, tensors, **doc_updates):
-    """Replace the tensor file and keep the json's checksum and tensor list consistent with it."""
+    """Replace the tensor file and keep the json's checksum, tensor list and modules (those with
+    both tensors left) consistent with it."""
     blob = st_save(tensors)
     (path / "adapter.safetensors").write_bytes(blob)
     doc = json.loads((path / "adapter_config.json").read_text())
-    doc.update(sha256=hashlib.sha256(blob).hexdigest(), num_bytes=len(blob),
+    modules = {n: m for n, m in doc["modules"].items()
+               if f"{n}.lora_A" in tensors and f"{n}.lora_B" in tensors}
+    doc.update(sha256=hashlib.sha256(blob).hexdigest(), num_bytes=len(blob), modules=modules,
                tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype)[6:]}
                         for k, v in tensors.items()}, **doc_updates)
     (path / "adapter_config.json").write_text(json.dumps(doc))
@@ -182,12 +185,17 @@ def _shape(path, tmp_path):
 
 def _missing(path, tmp_path):
     t = adapter_state_dict(adapted())
-    rewrite(path, {k: v.clone() for k, v in t.items() if k != "model.layers.1.mlp.down_proj.lora_B"})
+    rewrite(path, {k: v.clone() for k, v in t.items() if not k.startswith("model.layers.1.mlp.down_proj")})
 
 
 def _unexpected(path, tmp_path):
     t = {k: v.clone() for k, v in adapter_state_dict(adapted()).items()}
     rewrite(path, {**t, "model.layers.0.mlp.extra.lora_A": torch.ones(4, 8)})
+
+
+def _unexpected_module(path, tmp_path):
+    t = {k: v.clone() for k, v in adapter_state_dict(adapted()).items()}
+    rewrite(path, {**t, "model.norm.weight": torch.ones(64)})
 
 
 def _truncated(path, tmp_path):
@@ -257,8 +265,10 @@ def _from_other_save(path, tmp_path):  # a tensor file and a json from two diffe
 @pytest.mark.parametrize("corrupt, message", [
     (_shape, r"shape mismatch for model.layers.0.mlp.down_proj.lora_A: file \(8, 96\), "
              r"model \(4, 96\)"),
-    (_missing, r"missing keys \['model.layers.1.mlp.down_proj.lora_B'\]"),
-    (_unexpected, r"unexpected keys \['model.layers.0.mlp.extra.lora_A'\]"),
+    (_missing, r"missing keys \['model.layers.1.mlp.down_proj.lora_A', "
+               r"'model.layers.1.mlp.down_proj.lora_B'\]"),
+    (_unexpected_module, r"unexpected keys \['model.norm.weight'\]"),
+    (_unexpected, r"tensor model.layers.0.mlp.extra.lora_A belongs to no entry of modules"),
     (_truncated, r"checksum mismatch"),
     (_bit_flip, r"checksum mismatch"),
     (_from_other_save, r"checksum mismatch"),
@@ -266,7 +276,7 @@ def _from_other_save(path, tmp_path):  # a tensor file and a json from two diffe
     (_bad_header, r"safetensors header is not valid JSON"),
     (_int_dtype, r"model.layers.0.mlp.down_proj.lora_A: dtype int32 is not a floating dtype"),
     (_other_alpha, r"module model.layers.0.mlp.down_proj differs \(file, model\): "
-                   r"\{'scaling': \(4.0, 2.0\)\}"),
+                   r"\{'lora_alpha': \(16, 8\), 'scaling': \(4.0, 2.0\)\}"),
     (_json_disagrees, r"json says float32 \[4, 95\]"),
     (_no_json, r"lacks 'adapter_config.json'"),
     (_no_tensors, r"lacks 'adapter.safetensors'"),

@@ -140,6 +140,13 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize("edit, bare, message", [
     (lambda p: _edit_config(p, use_dora=True), True, r"use_dora=True is a LoRA variant"),
     (lambda p: _edit_config(p, peft_type="IA3"), True, r"peft_type is 'IA3'; only 'LORA'"),
+    (lambda p: _edit_config(p, alpha_pattern=[1]), True,
+     r"alpha_pattern must be an object \{module regex: positive number\} or null, got \[1\]"),
+    (lambda p: _edit_config(p, rank_pattern={"down_proj": 0}), False,
+     r"rank_pattern must be an object \{module regex: positive int\} or null"),
+    (lambda p: _edit_config(p, use_rslora="yes"), True, r"use_rslora must be a bool, got 'yes'"),
+    (lambda p: _edit_config(p, r=8), True,  # PEFT itself fails on this file (size mismatch)
+     r"disagrees with itself: model.layers.0.mlp.down_proj: lora_A has rank 4, the config says 8"),
     (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x05\x00\x00"), True,
      r"not a safetensors file"),
     (lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"), True,

@@ -9,7 +9,7 @@ from safetensors.torch import save as st_save
 
 from lora_phi3.adapters import load_adapter, read_adapter, save_adapter
 from lora_phi3.adapters.validate import FLOAT_DTYPES, decode_safetensors, non_float_keys
-from tiny import adapted
+from tiny import adapted, logits, tiny_phi3
 
 GOOD = st_save({"a": torch.zeros(2, 3), "b": torch.ones(4)})
 _N = int.from_bytes(GOOD[:8], "little")
@@ -80,3 +80,64 @@ def test_the_decoder_accepts_integers_so_the_float_check_is_ours():
     tensors = decode_safetensors(ints, "x")
     assert non_float_keys(tensors) == ["a (int64)"]
     assert torch.float32 in FLOAT_DTYPES and torch.int64 not in FLOAT_DTYPES
+
+
+# -- a file that disagrees with itself is refused, whatever the model ----------------------------
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def _fake_module(doc):
+    doc["modules"]["model.layers.0.mlp.fake"] = dict(doc["modules"][DOWN])
+
+
+SELF_DISAGREEMENTS = {  # what the json says against the tensors and the model: (edit, message)
+    "lora_alpha against scaling and r": (
+        lambda doc: doc["modules"][DOWN].update(lora_alpha=16),
+        rf"module {DOWN} differs \(file, model\): \{{'lora_alpha': \(16, 8\)\}}"),
+    "in_features against lora_A": (  # an injected model, then a bare one (before injecting)
+        lambda doc: doc["modules"][DOWN].update(in_features=95),
+        rf"module {DOWN} differs \(file, model\): \{{'in_features': \(95, 96\)\}}"
+        rf"|module {DOWN}: in_features is 96 in the model, 95 in the file"),
+    "out_features against lora_B": (
+        lambda doc: doc["modules"][DOWN].update(out_features=65),
+        rf"module {DOWN} differs \(file, model\): \{{'out_features': \(65, 64\)\}}"
+        rf"|module {DOWN}: out_features is 64 in the model, 65 in the file"),
+    "a fact left out": (
+        lambda doc: doc["modules"][DOWN].pop("in_features"),
+        rf"module {DOWN} differs \(file, model\): \{{'in_features': \(None, 96\)\}}"),
+    "a fact of another layer family": (
+        lambda doc: doc["modules"][DOWN].update(split_sizes=[32, 32], enable_lora=[True, True]),
+        (rf"module {DOWN} differs \(file, model\): \{{'split_sizes': \(\[32, 32\], None\), "
+         rf"'enable_lora': \(\[True, True\], None\)\}}")),
+    "tensors without a modules entry": (
+        lambda doc: doc["modules"].pop(DOWN),
+        rf"tensor {DOWN}.lora_A belongs to no entry of modules"),
+    "a modules entry without tensors": (
+        _fake_module, r"modules\['model.layers.0.mlp.fake'\] has no tensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(SELF_DISAGREEMENTS))
+def test_a_file_that_disagrees_with_itself_is_refused(tmp_path, name):
+    edit, message = SELF_DISAGREEMENTS[name]
+    path = save_adapter(adapted(), tmp_path / "a")
+    doc = json.loads((path / "adapter_config.json").read_text())
+    edit(doc)
+    (path / "adapter_config.json").write_text(json.dumps(doc))
+    for model in (adapted(seed=2), tiny_phi3()):  # into an injected and into a bare model
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, path)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_saving_class_is_informational(tmp_path):
+    # An adapter trained over an NF4 base (Linear4bit) loads into the same family over a dense one.
+    source = adapted()
+    path = save_adapter(source, tmp_path / "a")
+    doc = json.loads((path / "adapter_config.json").read_text())
+    doc["modules"][DOWN]["type"] = "Linear4bit"
+    (path / "adapter_config.json").write_text(json.dumps(doc))
+    model = load_adapter(adapted(seed=2), path)
+    assert torch.equal(logits(model), logits(source))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import stat
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import pytest
 import torch
 
 from lora_phi3 import atomic
+from lora_phi3.atomic import DiskFullError
 from lora_phi3.finetune.checkpoint import (COMPLETE_MARKER, TMP_PREFIX, capture_rng_state,
                                            clean_partial_checkpoints, find_latest_checkpoint,
                                            list_checkpoints, load_training_state, resolve_resume,
                                            restore_rng_state, rotate_checkpoints, save_checkpoint)
+from full_disk import WAYS, fill_disk
 
 
 def _optimizer():
@@ -162,3 +166,48 @@ def test_resolve_resume(tmp_path, caplog):
     assert resolve_resume(tmp_path, str(tmp_path / "checkpoint-2")) == tmp_path / "checkpoint-2"
     with pytest.raises(ValueError, match=r"--resume: checkpoint directory '.*checkpoint-9' does not exist"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-9"))
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+def _write_like_save_adapter(d: Path) -> None:
+    """What ``save_adapter`` does with a checkpoint's (existing) temp directory."""
+    atomic.atomic_write_dir(d, [("adapter.safetensors", b"t" * 1000),
+                                ("adapter_config.json", b"{}")])
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+@pytest.mark.parametrize("on, capacity", [("write", 500),    # in the adapter
+                                          ("write", 1500),   # in optimizer.pt
+                                          ("fsync", 0)])
+def test_a_full_disk_fails_the_new_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch, on,
+                                                                    capacity):
+    first = _save(tmp_path, 1, write_adapter=_write_like_save_adapter, save_total_limit=1)
+    before = _contents(first)
+    size = sum(len(b) for b in before.values())  # checkpoint-2 holds as many bytes
+    fill_disk(monkeypatch, tmp_path, capacity=capacity, on=on)
+    with pytest.raises(DiskFullError, match=(
+            rf"^No space left on device: writing {re.escape(repr(str(tmp_path / 'checkpoint-2')))} "
+            rf"needs {size:,} bytes; its filesystem has [\d,]+ bytes.* free\. "
+            "Nothing there was changed: free some space and write again$")) as info:
+        _save(tmp_path, 2, write_adapter=_write_like_save_adapter, save_total_limit=1)
+    assert info.value.errno == errno.ENOSPC and info.value.needed == size
+    monkeypatch.undo()
+    # rotation (save_total_limit=1) never ran: the old checkpoint is whole, and nothing else is left
+    assert os.listdir(tmp_path) == ["checkpoint-1"] and _contents(first) == before
+    assert find_latest_checkpoint(tmp_path) == first
+    assert load_training_state(first)["trainer_state"] == {"step": 1}
+
+
+@pytest.mark.parametrize("on", WAYS)
+def test_resaving_a_step_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch, on):
+    first = _save(tmp_path, 3)
+    before = _contents(first)
+    fill_disk(monkeypatch, tmp_path, capacity=100, on=on)
+    with pytest.raises(DiskFullError, match="checkpoint-3' needs"):
+        _save(tmp_path, 3)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint-3"] and _contents(first) == before
+    assert load_training_state(first)["trainer_state"] == {"step": 3}

@@ -4,7 +4,6 @@ clear errors for bad flag values and recipe files (recipe precedence itself: tes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,16 +17,10 @@ from lora_phi3.finetune.cli import main
 from lora_phi3.finetune.generate import generate_answer
 from lora_phi3.finetune.models import load_model
 from lora_phi3.finetune.tokenizer import load_tokenizer
+from runs import ASSETS, REPO, child_env
 
-REPO = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = {"base_eval_loss", "final_eval_loss", "steps", "train_tokens", "tokens_per_second",
                 "peak_memory_bytes", "seconds"}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +177,7 @@ def test_bad_recipe_files_name_the_problem(tmp_path, capsys):
 
 
 def test_bad_rows_are_counted_or_fail_with_file_and_line(tmp_path, capsys):
-    lines = (REPO / "lora_phi3" / "finetune" / "assets" / "chat_train.jsonl").read_text().splitlines()[:40]
+    lines = (ASSETS / "chat_train.jsonl").read_text().splitlines()[:40]
     lines.insert(5, json.dumps({"messages": [{"role": "robot", "content": "beep"}]}))
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -204,7 +197,7 @@ def test_module_and_console_script_are_the_same_command():
             [sys.executable, "-m", "lora_phi3", "finetune", "--help"]]
     if shutil.which("lora-phi3"):
         runs.append(["lora-phi3", "finetune", "--help"])
-    outs = [subprocess.run(c, env=_env(), capture_output=True, text=True, timeout=120) for c in runs]
+    outs = [subprocess.run(c, env=child_env(), capture_output=True, text=True, timeout=120) for c in runs]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     assert all(o.stdout == outs[0].stdout for o in outs)
     assert "--gradient-accumulation-steps" in outs[0].stdout and "--resume" in outs[0].stdout

@@ -3,11 +3,9 @@ and two real gloo processes under torchrun."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,8 @@ import torch.nn as nn
 from lora_phi3.finetune.distributed import (DistState, all_gather_objects, all_reduce_sum, barrier,
                                             main_process_first, no_sync, setup_distributed,
                                             teardown_distributed, unwrap_model, wrap_model)
+from runs import child_env
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -56,7 +54,7 @@ def test_bad_device_and_environment_are_named(no_torchrun_env):
 
 
 WORKER = textwrap.dedent("""
-    import json, sys, time
+    import json, os, pathlib, sys, time
     import torch, torch.nn as nn
     from lora_phi3.finetune.distributed import (all_gather_objects, all_reduce_sum, barrier,
         main_process_first, no_sync, setup_distributed, teardown_distributed, unwrap_model,
@@ -79,7 +77,8 @@ WORKER = textwrap.dedent("""
     out["local_grad"] = module.weight.grad.tolist()
     barrier(state)
     teardown_distributed(state)
-    print("RESULT " + json.dumps(out))
+    # one file per rank: two ranks printing to one pipe can interleave their lines
+    pathlib.Path(os.environ["RESULT_DIR"], f"rank{state.rank}.json").write_text(json.dumps(out))
 """)
 
 
@@ -88,15 +87,12 @@ def test_two_gloo_processes(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "RESULT_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", str(script)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1])
-                      for line in proc.stdout.splitlines() if "RESULT " in line),
-                     key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["world"] == 2 and r["backend"] == "gloo"

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from lora_phi3 import read_adapter
-from lora_phi3.finetune import finetune, load_recipe
+from lora_phi3.finetune import finetune
 from lora_phi3.finetune.checkpoint import find_latest_checkpoint, list_checkpoints
 from lora_phi3.finetune.cli import main
 from lora_phi3.finetune.job import FinetuneJob, TrainState
+from runs import bundled_subset, child_env, small_recipe
 
-REPO = Path(__file__).resolve().parents[2]
 # Small runs of the real CLI path; dropout 0 so that different batch splits are comparable.
 # Two steps, checkpoint after the first. Adapters are compared after step 1 (atol 1e-6) and the
 # pre-optimizer quantities of both steps (global loss, gradient norm) to rel 1e-6. The adapter after
@@ -31,28 +31,17 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = ["--max-steps", "2", "--max-seq-length", "128", "--eval-steps", "0", "--save-steps", "1",
        "--lora-dropout", "0", "--learning-rate", "1e-4", "--logging-steps", "1", "--no-progress",
        "--log-level", "WARNING", "--device", "cpu"]
-ASSETS = REPO / "lora_phi3" / "finetune" / "assets"
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> str:
     """The first 96 bundled training and 16 held-out conversations (keeps the runs quick)."""
-    d = tmp_path_factory.mktemp("data")
-    for src, dst, n in (("chat_train.jsonl", "train.jsonl", 96), ("chat_eval.jsonl", "eval.jsonl", 16)):
-        lines = (ASSETS / src).read_text().splitlines()[:n]
-        (d / dst).write_text("\n".join(lines) + "\n")
-    return str(d)
+    return bundled_subset(tmp_path_factory.mktemp("data"), 96, 16)
 
 
 def _train_records(out: Path) -> list[tuple[int, float, float]]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["type"] == "train"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +86,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(reference_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lora_phi3.finetune.cli", "finetune", "--output-dir", str(tmp_path), "--data", small_data,
            "--batch-size", "2", *RUN]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (tmp_path / "summary.json").read_text()
     assert '"world_size": 2' in summary and '"global_batch_size": 4' in summary
@@ -126,7 +115,7 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_run(small_data, tmp_pa
         "from lora_phi3.finetune.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", kill_at_step_19, "finetune", "--output-dir",
-                           str(killed), *args], env=_env(), stdout=subprocess.DEVNULL,
+                           str(killed), *args], env=child_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (killed / "summary.json").exists()
@@ -184,10 +173,8 @@ def test_every_file_the_job_writes_gets_0666_minus_the_umask(small_data, tmp_pat
     """Under umask 022 every file is 0644 and every directory 0755, also after a resume (which
     rewrites metrics.jsonl), as ``open()`` and ``mkdir()`` would make them."""
     out = tmp_path / "run"
-    recipe = load_recipe(overrides={
-        "data": small_data, "output_dir": str(out),
-        "training": {"max_steps": 2, "save_steps": 1, "eval_steps": 0, "batch_size": 4,
-                     "max_seq_length": 128, "save_total_limit": 0}})
+    recipe = small_recipe(small_data, out, max_steps=2, save_steps=1, max_seq_length=128,
+                          save_total_limit=0)
     old = os.umask(0o022)
     try:
         finetune(recipe, progress=False, device="cpu")
@@ -209,10 +196,7 @@ def test_every_file_the_job_writes_gets_0666_minus_the_umask(small_data, tmp_pat
 def test_the_job_runs_step_by_step(small_data, tmp_path):
     """``finetune`` is ``FinetuneJob.run``: setup, train, finish, cleanup, with the state in
     attributes that a caller can inspect between the steps."""
-    recipe = load_recipe(overrides={
-        "data": small_data, "output_dir": str(tmp_path),
-        "training": {"max_steps": 2, "save_steps": 0, "eval_steps": 0, "batch_size": 4,
-                     "max_seq_length": 128}})
+    recipe = small_recipe(small_data, tmp_path, max_steps=2, save_steps=0, max_seq_length=128)
     job = FinetuneJob(recipe, progress=False, device="cpu")
     try:
         job.setup()

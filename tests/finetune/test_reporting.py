@@ -1,5 +1,5 @@
 """Run outputs: the output-dir guard, metrics.jsonl (append, torn lines, truncation on resume),
-the loss-curve PNG, perplexity and peak memory."""
+the loss-curve PNG, perplexity, peak memory, and standard JSON (null for NaN/inf) in every file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from lora_phi3.finetune.reporting import (RUN_FILES, MetricsLog, check_output_dir,
-                                          peak_memory_bytes, perplexity, plot_loss_curve)
+from lora_phi3.finetune.reporting import (RUN_FILES, MetricsLog, check_output_dir, json_safe,
+                                          peak_memory_bytes, perplexity, plot_loss_curve, to_json,
+                                          write_json)
 
 
 def test_perplexity():
@@ -75,3 +76,40 @@ def test_output_dir_guard(tmp_path):
 def test_peak_memory_on_cpu_is_the_process_rss():
     peak, kind = peak_memory_bytes(torch.device("cpu"))
     assert kind == "cpu_max_rss" and peak > 10 * 2**20  # python + torch: well above 10 MiB
+
+
+# -- standard JSON only ----------------------------------------------------------------------------
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_safe_replaces_every_non_finite_float_by_none():
+    import numpy as np
+
+    nan, inf = float("nan"), float("inf")
+    value = {"a": nan, "b": [1.5, -inf, {"c": inf}], "d": (2, np.float64("nan")), "e": "NaN",
+             "f": None, "g": True, "h": 3}
+    assert json_safe(value) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, None],
+                                "e": "NaN", "f": None, "g": True, "h": 3}
+
+
+def test_to_json_and_write_json_write_standard_json_only(tmp_path):
+    doc = {"loss": float("nan"), "perplexity": float("inf"), "steps": 3}
+    assert _strict(to_json(doc)) == {"loss": None, "perplexity": None, "steps": 3}
+    write_json(tmp_path / "summary.json", doc)
+    text = (tmp_path / "summary.json").read_text()
+    assert _strict(text) == {"loss": None, "perplexity": None, "steps": 3} and text.endswith("}\n")
+
+
+def test_metrics_log_writes_null_for_non_finite_numbers(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"type": "eval", "step": 1, "eval_loss": float("nan"),
+                "eval_perplexity": float("inf")})
+    log.append({"type": "train", "step": 2, "loss": 1.0, "grad_norm": float("-inf")})
+    log.truncate_after(2)  # the rewrite is standard JSON too
+    lines = log.path.read_text().splitlines()
+    assert [_strict(x) for x in lines] == [
+        {"type": "eval", "step": 1, "eval_loss": None, "eval_perplexity": None},
+        {"type": "train", "step": 2, "loss": 1.0, "grad_norm": None}]

@@ -1,5 +1,6 @@
 """The training loop: global-batch loss against a plain reference, accumulation, gradient
-checkpointing, bf16, learning-rate schedules and data order (whole runs: test_job.py)."""
+checkpointing, bf16, the divergence stop, learning-rate schedules and data order (whole runs:
+test_job.py; diverging runs: test_divergence.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_phi3 import LoraConfig, inject_lora
+from lora_phi3 import LoraConfig, TrainingDiverged, inject_lora
 from lora_phi3.finetune.distributed import DistState
 from lora_phi3.finetune.models import build_tiny_phi3
 from lora_phi3.finetune.packing import collate
@@ -137,6 +138,37 @@ def test_bf16_base_keeps_fp32_adapters_and_tracks_the_fp32_loss():
     assert out["loss"] == pytest.approx(want, rel=2e-2)
     assert all(p.dtype == torch.float32 for p in params)
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+# -- divergence: a non-finite loss or gradient norm stops the step before the update --------------
+@pytest.mark.parametrize("poison", ["gradient", "loss"])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_non_finite_step_raises_before_the_update(poison, max_grad_norm):
+    rows = _rows(4)
+    model = _model_with_lora()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    batch = [collate(rows, 0, packing=False)]
+    train_step(CausalLMLoss(model), batch, opt, sched, params, dist=DistState())  # a good step
+    if poison == "gradient":  # a finite loss whose gradient overflows
+        params[0].register_hook(lambda g: g * float("inf"))
+    else:  # the embedding of one input token: the forward itself gives NaN
+        with torch.no_grad():
+            model.get_input_embeddings().weight[rows[0]["input_ids"][0]] = float("nan")
+    before = [p.detach().clone() for p in params]
+    adam_state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 2: loss "
+                       + (r"\d\S*, gradient norm (nan|inf)" if poison == "gradient" else r"nan, ")
+                       + r".*; lower the learning rate$") as e:
+        train_step(CausalLMLoss(model), batch, opt, sched, params, dist=DistState(),
+                   max_grad_norm=max_grad_norm)  # step 2: the scheduler's count + 1
+    assert e.value.step == 2
+    assert all(torch.equal(a, p) for a, p in zip(before, params))  # nothing applied
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in adam_state.items())
+    assert all(p.grad is None for p in params) and sched.last_epoch == 1
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 12: "):
+        train_step(CausalLMLoss(model), batch, opt, sched, params, dist=DistState(), step=12)
 
 
 # -- schedule and data order -----------------------------------------------------------------------

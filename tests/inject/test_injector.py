@@ -324,7 +324,7 @@ def decoder_layer_saved_bytes(model, tokens=16):
     rope = model.model.rotary_emb(x, pos)
     torch.manual_seed(2)
     return saved_bytes(lambda: layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope),
-                       params)[0]
+                       params)
 
 
 def lean_config():

@@ -44,12 +44,12 @@ def test_input_recompute_gives_identical_gradients_and_saves_less():
     tensors = [x] + _lora_params(layer)
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     torch.manual_seed(3)
-    before, _ = saved_bytes(lambda: layer(x, **kw), params)
+    before = saved_bytes(lambda: layer(x, **kw), params)
     plain = grads_of(lambda: layer(x, **kw), tensors, g)
     handles = enable_input_recompute(layer)
     assert len(handles) == 3  # two norms and gate_up_proj
     torch.manual_seed(3)
-    after, _ = saved_bytes(lambda: layer(x, **kw), params)
+    after = saved_bytes(lambda: layer(x, **kw), params)
     recomputed = grads_of(lambda: layer(x, **kw), tensors, g)
     assert_all_close(recomputed, plain)
     # qkv and gate_up no longer keep the norm outputs, down no longer keeps up*silu(gate)
@@ -106,10 +106,10 @@ def test_swiglu_recompute_outside_phi3(spelled_out):
     g = 0.1 * torch.randn(5, 8)  # grads of order 1: atol 1e-5 is ~50 ulps
     tensors = [x] + _lora_params(mlp)
     params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
-    before, _ = saved_bytes(lambda: mlp(x), params)
+    before = saved_bytes(lambda: mlp(x), params)
     want = grads_of(lambda: mlp(x), tensors, g)
     handles = enable_input_recompute(mlp)
-    after, _ = saved_bytes(lambda: mlp(x), params)
+    after = saved_bytes(lambda: mlp(x), params)
     assert_all_close(grads_of(lambda: mlp(x), tensors, g), want)
     # the product (5, 6) fp32 is rebuilt instead of kept, only for a real F.silu
     assert before - after == (0 if spelled_out else 5 * 6 * 4)
@@ -172,11 +172,11 @@ def test_norm_recompute_replays_the_autocast_state():
     want = grads_of(run, tensors, g)
     handles = enable_input_recompute(norm)
     params = {p.untyped_storage().data_ptr() for p in [*norm.parameters(), *layer.parameters()]}
-    saved, _ = saved_bytes(run, params)
+    saved = saved_bytes(run, params)
     assert_all_close(grads_of(run, tensors, g), want, atol=0)  # bit for bit
     for t in handles:
         t.remove()
-    saved_plain, _ = saved_bytes(run, params)
+    saved_plain = saved_bytes(run, params)
     assert saved < saved_plain  # the recipe was used
 
 
