@@ -44,6 +44,8 @@ def main() -> None:
         loss = nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lora.check_finite_step(step, loss, grad_norm)  # a NaN/inf stops here, before the update
         opt.step()
         if step % 100 == 0:
             print(f"step {step}: train mse {loss.item():.4f}")

@@ -148,8 +148,11 @@ def check_finite_step(step: int, loss: float | torch.Tensor,
     Raises:
         TrainingDiverged: (a ``ValueError``) naming the step and the non-finite value.
     """
-    loss_value = float(loss)
-    norm_value = None if grad_norm is None else float(grad_norm)
+    def value(x: float | torch.Tensor) -> float:  # a loss tensor usually requires grad
+        return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+    loss_value = value(loss)
+    norm_value = None if grad_norm is None else value(grad_norm)
     if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
         return
     reason = f"loss {loss_value:.4g}" + ("" if norm_value is None else
