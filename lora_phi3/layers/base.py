@@ -119,13 +119,14 @@ class LoRALayer(nn.Module):
         return self.weight
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
+    def merged_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
         """What :meth:`merge` stores: ``W + delta_weight()`` formed in fp32, rounded once to ``W``'s dtype.
 
         ``merge_lora`` checks every layer's merged weight for NaN/Inf with this before any merge.
+        ``delta``: ``delta_weight()`` when the caller has it already.
         """
         base = self.dense_base_weight()
-        delta = self.delta_weight()
+        delta = self.delta_weight() if delta is None else delta
         return (base.to(delta.dtype) + delta).to(base.dtype)
 
     @torch.no_grad()
@@ -140,11 +141,12 @@ class LoRALayer(nn.Module):
         """
         if self.merged or self.r == 0:
             return
-        merged = self.merged_weight()
+        delta = self.delta_weight()  # formed once, for the sum and for the round-trip check
+        merged = self.merged_weight(delta)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"safe_merge refused {type(self).__name__}: the merged weight would "
                              "contain NaN or Inf; the weight is unchanged")
-        self._store_merged(merged)
+        self._store_merged(merged, delta)
         self.merged = True
 
     @torch.no_grad()
@@ -155,12 +157,11 @@ class LoRALayer(nn.Module):
         self._restore_unmerged()
         self.merged = False
 
-    def _store_merged(self, merged: torch.Tensor) -> None:
+    def _store_merged(self, merged: torch.Tensor, delta: torch.Tensor) -> None:
         # In place. Where rounding would keep unmerge from landing exactly on the original value
         # (it happens when W + delta moves to a coarser binade), the original values are kept
         # aside as a sparse (indices, values) pair, so unmerge restores the weight bit for bit
         # however many eval/train cycles run (loralib drifts by ~4e-3 over 50 in bf16).
-        delta = self.delta_weight()
         round_trip = (merged.to(delta.dtype) - delta).to(self.weight.dtype)
         lost = (round_trip != self.weight).flatten().nonzero().squeeze(1)
         self._unmerge_fix = (lost, self.weight.flatten()[lost].clone())

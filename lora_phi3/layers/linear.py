@@ -132,9 +132,9 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         else:
             self.quantized_weight.load_dense(weight.T if self.fan_in_fan_out else weight)
 
-    def _store_merged(self, merged: torch.Tensor) -> None:
+    def _store_merged(self, merged: torch.Tensor, delta: torch.Tensor) -> None:
         if self.weight is not None:
-            return super()._store_merged(merged)
+            return super()._store_merged(merged, delta)
         # A quantized base is never rounded into (that would round the update away): the dense
         # merged weight is kept beside it, and unmerge drops it again.
         self.weight = nn.Parameter(merged, requires_grad=False)
