@@ -74,20 +74,13 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
 def _add_recompute_hooks(model: nn.Module) -> None:
     """``enable_input_recompute(model)``, recording the hooks it adds so unloading removes them.
 
-    A module that already carries the same hook function (the caller enabled recompute before
-    injecting) keeps only its own: the new duplicate is dropped at once.
+    It skips modules hooked already (the caller enabled recompute before injecting), so only the
+    hooks added here are recorded, and unloading leaves the caller's own in place.
     """
     where = {id(m._forward_hooks): n for n, m in model.named_modules()}
     added: dict[str, list[int]] = {}
     for handle in enable_input_recompute(model):
-        hooks = handle.hooks_dict_ref()
-        fn = hooks.get(handle.id) if hooks is not None else None
-        if fn is None:
-            continue
-        if any(h is fn for key, h in hooks.items() if key != handle.id):
-            handle.remove()
-        else:
-            added.setdefault(where[id(hooks)], []).append(handle.id)
+        added.setdefault(where[id(handle.hooks_dict_ref())], []).append(handle.id)
     model.__dict__[RECOMPUTE_HOOKS_ATTR] = added
 
 
