@@ -25,6 +25,7 @@ from ..inject.matching import is_hf_conv1d
 from ..layers import Embedding, Linear, LoRALayer, MergedLinear, lora_layers
 from .peft_export import (PEFT_CONFIG_FILE, PEFT_PREFIX, PEFT_WEIGHTS_FILE, compress_targets,
                           json_number, peft_targetable)
+from .schema import is_int, is_number, is_positive_number
 from .state import adapter_param_keys, adapter_state_dict, injected_preview, is_bare
 from .validate import decode_safetensors, non_float_keys, read_json
 
@@ -45,16 +46,17 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
     """Refuse a PEFT config this import cannot read as plain LoRA: wrong types included."""
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported")
-    if not _positive(cfg.get("r"), int):
+    if not is_int(cfg.get("r"), 1):
         raise ValueError(f"{where}: r must be a positive int, got {cfg.get('r')!r}")
-    if not _positive(cfg.get("lora_alpha"), (int, float)):
+    if not is_positive_number(cfg.get("lora_alpha")):
         raise ValueError(f"{where}: lora_alpha must be a positive number, got {cfg.get('lora_alpha')!r}")
-    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+    for field, ok, kind in (("rank_pattern", lambda v: is_int(v, 1), "int"),
+                            ("alpha_pattern", is_positive_number, "number")):
         pattern = cfg.get(field)
-        if pattern is not None and not (isinstance(pattern, dict) and all(
-                _positive(v, kind) for v in pattern.values())):
+        if pattern is not None and not (isinstance(pattern, dict)
+                                        and all(ok(v) for v in pattern.values())):
             raise ValueError(f"{where}: {field} must be an object {{module regex: positive "
-                             f"{'int' if kind is int else 'number'}}} or null, got {pattern!r}")
+                             f"{kind}}} or null, got {pattern!r}")
         for key in pattern or {}:
             try:
                 re.compile(key)
@@ -64,8 +66,7 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
         if cfg.get(field) is not None and not isinstance(cfg[field], bool):
             raise ValueError(f"{where}: {field} must be a bool, got {cfg[field]!r}")
     dropout = cfg.get("lora_dropout")
-    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
-                                    and 0 <= dropout < 1):
+    if dropout is not None and not (is_number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {dropout!r}")
     to_save = cfg.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list)
@@ -76,10 +77,6 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
         if cfg.get(field):
             raise ValueError(f"{where}: {field}={cfg[field]!r} is a LoRA variant this library does "
                              f"not implement; only plain LoRA loads (set {field} to false/null)")
-
-
-def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _pattern_value(pattern: dict[str, Any], module: str) -> Any:

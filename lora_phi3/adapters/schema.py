@@ -15,7 +15,8 @@ from typing import Any
 from ..config import LoraConfig
 
 __all__ = ["ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "ADAPTER_TENSOR_FILE", "ADAPTER_CONFIG_FILE",
-           "DTYPE_NAMES", "MODULE_FIELDS", "check_adapter_json"]
+           "DTYPE_NAMES", "MODULE_FIELDS", "check_adapter_json", "is_int", "is_number",
+           "is_positive_number"]
 
 ADAPTER_FORMAT = "lora_phi3.adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -30,16 +31,25 @@ DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "fl
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _is_int(v: Any, least: int) -> bool:
+# JSON value checks shared by every reader of adapter files (ours and PEFT's): a JSON bool is
+# never a number here.
+def is_int(v: Any, least: int) -> bool:
+    """``v`` is an int (not a bool) ``>= least``."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """``v`` is a finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_positive_number(v: Any) -> bool:
+    """``v`` is a finite number ``> 0``."""
+    return is_number(v) and v > 0
+
+
 def _int_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(_is_int(x, 1) for x in v)
+    return isinstance(v, list) and bool(v) and all(is_int(x, 1) for x in v)
 
 
 # Per-module facts (what state.module_meta writes): field -> (check, what is allowed). Every fact
@@ -48,11 +58,11 @@ def _int_list(v: Any) -> bool:
 MODULE_FIELDS: dict[str, tuple[Any, str]] = {
     "type": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "kind": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-    "r": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "lora_alpha": (_is_number, "a finite number"),
-    "scaling": (_is_number, "a finite number"),
+    "r": (lambda v: is_int(v, 1), "an int >= 1"),
+    "lora_alpha": (is_number, "a finite number"),
+    "scaling": (is_number, "a finite number"),
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "a bool"),
-    **{f: (lambda v: _is_int(v, 1), "an int >= 1")
+    **{f: (lambda v: is_int(v, 1), "an int >= 1")
        for f in ("in_features", "out_features", "num_embeddings", "embedding_dim", "in_channels",
                  "out_channels", "groups")},
     "kernel_size": (_int_list, "a non-empty list of ints >= 1"),
@@ -96,7 +106,7 @@ def check_adapter_json(doc: Any, where: str) -> LoraConfig | None:
         raise ValueError(f"{where}: format is {doc.get('format')!r}, expected {ADAPTER_FORMAT!r} "
                          "(for a PEFT adapter use import_peft)")
     version = doc.get("format_version")
-    if not _is_int(version, 1) or version > ADAPTER_FORMAT_VERSION:
+    if not is_int(version, 1) or version > ADAPTER_FORMAT_VERSION:
         raise ValueError(f"{where}: format_version {version!r} is not supported; this library "
                          f"reads versions 1..{ADAPTER_FORMAT_VERSION}")
     allowed = {"format", "format_version", "lora_config", "base_model", "modules", "tensor_file",
@@ -110,7 +120,7 @@ def check_adapter_json(doc: Any, where: str) -> LoraConfig | None:
             raise ValueError(f"{where}: missing field {field!r}")
     if doc["tensor_file"] != ADAPTER_TENSOR_FILE:
         raise _refuse(where, "tensor_file", doc["tensor_file"], repr(ADAPTER_TENSOR_FILE))
-    if not _is_int(doc["num_bytes"], 0):
+    if not is_int(doc["num_bytes"], 0):
         raise _refuse(where, "num_bytes", doc["num_bytes"], "an int >= 0")
     if not isinstance(doc["sha256"], str) or not _SHA256.fullmatch(doc["sha256"]):
         raise _refuse(where, "sha256", doc["sha256"], "64 lowercase hex digits")
@@ -126,7 +136,7 @@ def check_adapter_json(doc: Any, where: str) -> LoraConfig | None:
         if set(info) != {"shape", "dtype"}:
             raise _refuse(where, f"{path} fields", sorted(info), "exactly ['dtype', 'shape']")
         shape = info["shape"]
-        if not isinstance(shape, list) or not all(_is_int(n, 0) for n in shape):
+        if not isinstance(shape, list) or not all(is_int(n, 0) for n in shape):
             raise _refuse(where, f"{path}.shape", shape, "a list of ints >= 0")
         if info["dtype"] not in DTYPE_NAMES:
             raise _refuse(where, f"{path}.dtype", info["dtype"], f"one of {list(DTYPE_NAMES)}")
