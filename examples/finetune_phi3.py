@@ -1,7 +1,7 @@
 """The Python API equivalent of ``lora-phi3 finetune``.
 
-With no arguments this runs the offline tiny demo (embedded random-init Phi-3, bundled toy chats)
-for a few steps. With ``--model microsoft/Phi-3-mini-4k-instruct --data chats.jsonl`` it runs the
+With no arguments this runs the offline tiny demo (embedded pretrained tiny Phi-3, bundled toy
+chats) for a few steps, then scores the tuned model's answers on held-out chats. With ``--model microsoft/Phi-3-mini-4k-instruct --data chats.jsonl`` it runs the
 real recipe (``recipes/phi3-mini.yaml`` values; a GPU with bf16 is the intended target).
 
     python examples/finetune_phi3.py --max-steps 20
@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 from lora_phi3 import load_adapter
-from lora_phi3.finetune import finetune, generate_answer
+from lora_phi3.finetune import exact_match_accuracy, finetune, generate_answer
+from lora_phi3.finetune.conversations import load_conversations
 from lora_phi3.finetune.models import load_model
 from lora_phi3.finetune.recipe import load_recipe
 from lora_phi3.finetune.tokenizer import load_tokenizer
@@ -50,6 +51,11 @@ def main() -> None:
     load_adapter(model, Path(recipe.output_dir) / "adapter")
     question = [{"role": "user", "content": "What is 12 plus 7?"}]
     print("answer:", generate_answer(model, tokenizer, question, max_new_tokens=16))
+
+    # Exact match of greedy answers on (the first 50) held-out chats of the same data.
+    _, held_out, _ = load_conversations(recipe.data)
+    report = exact_match_accuracy(model, tokenizer, held_out[:50])
+    print(f"exact match on {report.total} held-out chats: {report.accuracy:.0%}")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,20 @@ Writes:
     (``{"task": ..., "messages": [...]}`` per line). The eval file is a fixed held-out
     split: different random draws, and no conversation in it also occurs in train.
   * ``tokenizer.json``: a tiny byte-level BPE (``tokenizers`` library) trained on the
-    message contents of the training file, with Phi-3's chat special tokens.
+    message contents of the training file and on pretraining text, with Phi-3's chat special
+    tokens.
+  * ``tiny_phi3_base.safetensors``: the embedded tiny Phi-3, pretrained from scratch as a plain
+    language model on the tasks' text in another layout, ``Q:`` / ``A:`` lines each followed by
+    its message (``scripts/pretrain_base.py``, about 15 minutes on one CPU core). Phi-3's chat template,
+    system prompts and ending an answer with ``<|end|>`` are left for the LoRA fine-tune to teach,
+    so the base answers no held-out chat right and the tuned model most.
 
-Every task is deterministic and short so that a randomly initialised tiny Phi-3
-trained with LoRA only shows learning within a few hundred steps. Letters are
-separated by spaces and digits are split individually by the tokenizer, so that
-reversing/sorting/adding work token by token.
+Every task is deterministic and short. Letters are separated by spaces and digits are split
+individually by the tokenizer, so that reversing/sorting/adding work token by token.
 
-Usage: ``python scripts/make_assets.py [--out lora_phi3/finetune/assets]``. Running it twice
-gives byte-identical files.
+Usage: ``python scripts/make_assets.py [--out lora_phi3/finetune/assets] [--skip-base]``.
+Running it twice gives byte-identical data and tokenizer files, and a byte-identical base on the
+same machine and thread count.
 """
 
 from __future__ import annotations
@@ -22,12 +27,19 @@ import argparse
 import json
 import random
 import string
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from transformers import PreTrainedTokenizerFast
+
 from lora_phi3.atomic import write_bytes_atomic
 from lora_phi3.finetune.tokenizer import PHI3_SPECIAL_TOKENS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when imported by path
+from pretrain_base import (BATCH, LR, SEQ_LEN, STEPS, TINY_BASE_FILE,  # noqa: E402
+                           base_layout_accuracy, pretrain, save_base)
 
 # Order fixes the ids: <|endoftext|> = 0, <|system|> = 1, ...
 SPECIAL_TOKENS = list(PHI3_SPECIAL_TOKENS)
@@ -36,6 +48,7 @@ N_TRAIN = 2000
 N_EVAL = 200
 TRAIN_SEED = 20240611
 EVAL_SEED = 977
+PRETRAIN_SEED = 1234
 
 WORDS = (
     "cat dog sun moon tree river stone bird fish red blue green book lamp door hat cup milk "
@@ -61,12 +74,11 @@ OPPOSITES = [
     ("yes", "no"), ("win", "lose"), ("first", "last"), ("near", "far"), ("old", "new"),
 ]
 
-NEUTRAL_SYSTEMS = [
+SYSTEMS = [
     "You are a helpful assistant.",
     "Answer with the result only.",
     "You are a precise assistant.",
 ]
-UPPER_SYSTEM = "Reply in uppercase."
 
 
 def _letters(rng: random.Random, lo: int = 3, hi: int = 6) -> list[str]:
@@ -177,13 +189,8 @@ def _follow_up(rng, kind: str, info: dict):
 def make_conversation(rng: random.Random) -> dict:
     """One conversation: optional system prompt, 1-3 user/assistant rounds."""
     messages: list[dict] = []
-    upper = False
-    r = rng.random()
-    if r < 0.10:
-        upper = True
-        messages.append({"role": "system", "content": UPPER_SYSTEM})
-    elif r < 0.35:
-        messages.append({"role": "system", "content": rng.choice(NEUTRAL_SYSTEMS)})
+    if rng.random() < 0.25:
+        messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
     n_rounds = rng.choices([1, 2, 3], weights=[75, 18, 7])[0]
     kinds = []
     for i in range(n_rounds):
@@ -198,9 +205,51 @@ def make_conversation(rng: random.Random) -> dict:
             question, answer, info = TASKS[kind](rng)
             kinds.append((kind, info))
         messages.append({"role": "user", "content": question})
-        messages.append({"role": "assistant", "content": answer.upper() if upper else answer})
+        messages.append({"role": "assistant", "content": answer})
     task = kinds[0][0] if n_rounds == 1 else "multi"
     return {"messages": messages, "task": task}
+
+
+def plain_text(conversation: dict) -> str:
+    """A conversation in the base model's pretraining layout: ``Q:`` and ``A:`` lines, each
+    followed by its message on the next line, system prompts left out (the chat template, system
+    prompts and stopping at ``<|end|>`` are what the fine-tune teaches). A message starts after a
+    newline as in Phi-3's template, so it is split into the same tokens in both layouts (a
+    byte-level BPE gives ``mouse`` after a newline and `` mouse`` after a space different ids)."""
+    prefix = {"user": "Q:\n", "assistant": "A:\n"}
+    return "\n".join(prefix[m["role"]] + m["content"] for m in conversation["messages"]
+                     if m["role"] in prefix)
+
+
+def qa_pairs(conversation: dict) -> set[tuple[str, str]]:
+    """The (question, answer) pairs of a conversation's rounds."""
+    msgs = [m for m in conversation["messages"] if m["role"] != "system"]
+    return {(q["content"], a["content"]) for q, a in zip(msgs[::2], msgs[1::2])}
+
+
+def pretraining_documents(held_out: set[tuple[str, str]]):
+    """``make_doc(rng)`` for the base: 3-8 fresh conversations in :func:`plain_text` layout, none
+    containing a ``held_out`` question-answer pair."""
+    def make_doc(rng: random.Random) -> list[str]:
+        docs: list[str] = []
+        n = rng.randint(3, 8)
+        while len(docs) < n:
+            conv = make_conversation(rng)
+            if not qa_pairs(conv) & held_out:
+                docs.append(plain_text(conv))
+        return docs
+    return make_doc
+
+
+def base_layout_examples(rows: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """Per task, ``(prompt, answer)`` for single-round rows in the base's layout: the prompt is
+    ``Q:\n<question>\nA:\n``, the answer what should follow it."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        if row["task"] != "multi":
+            (question, answer), = qa_pairs(row)
+            out.setdefault(row["task"], []).append((f"Q:\n{question}\nA:\n", answer))
+    return dict(sorted(out.items()))
 
 
 def _dumps(row: dict) -> str:
@@ -223,8 +272,8 @@ def make_rows() -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def train_tokenizer(rows: list[dict]) -> Tokenizer:
-    """Byte-level BPE with individual digits, trained on message contents."""
+def train_tokenizer(rows: list[dict], extra_texts: list[str]) -> Tokenizer:
+    """Byte-level BPE with individual digits, trained on message contents and ``extra_texts``."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -238,7 +287,7 @@ def train_tokenizer(rows: list[dict]) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = [m["content"] + "\n" for r in rows for m in r["messages"]]
+    texts = [m["content"] + "\n" for r in rows for m in r["messages"]] + extra_texts
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -252,17 +301,36 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = Path(__file__).resolve().parents[1] / "lora_phi3" / "finetune" / "assets"
     parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--skip-base", action="store_true",
+                        help="write data and tokenizer only, keep the pretrained base as it is")
+    parser.add_argument("--pretrain-steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     train, evals = make_rows()
     _write_atomic(args.out / "chat_train.jsonl", "".join(_dumps(r) + "\n" for r in train))
     _write_atomic(args.out / "chat_eval.jsonl", "".join(_dumps(r) + "\n" for r in evals))
-    tok = train_tokenizer(train)
+    tok = train_tokenizer(train, ["Q:\n", "A:\n"])
     # Re-serialise compactly with sorted keys so the file is byte-stable.
     tok_json = json.loads(tok.to_str())
     _write_atomic(args.out / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False, sort_keys=True) + "\n")
     print(f"wrote {len(train)} train / {len(evals)} eval conversations and a "
           f"{tok.get_vocab_size()}-token tokenizer to {args.out}")
+    if args.skip_base:
+        return
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(args.out / "tokenizer.json"),
+                                     eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0])
+    print(f"pretraining the tiny Phi-3 base ({args.pretrain_steps} steps)")
+    # The base never sees a held-out question-answer pair that the fine-tune data lacks.
+    held_out = set().union(*map(qa_pairs, evals)) - set().union(*map(qa_pairs, train))
+    model = pretrain(hf_tok, pretraining_documents(held_out), steps=args.pretrain_steps,
+                     seed=PRETRAIN_SEED)
+    acc = base_layout_accuracy(model, hf_tok, base_layout_examples(evals))
+    print("  base accuracy on held-out questions in its own Q:/A: layout: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    info = {"steps": args.pretrain_steps, "seed": PRETRAIN_SEED, "batch": BATCH, "seq_len": SEQ_LEN,
+            "lr": LR, "base_layout_accuracy": acc}
+    save_base(model, args.out / TINY_BASE_FILE, info)
+    print(f"wrote {args.out / TINY_BASE_FILE}")
 
 
 if __name__ == "__main__":

@@ -39,12 +39,15 @@ _TRAINING_FLAGS: list[tuple[str, type, str]] = [
     ("save_total_limit", int, "keep at most N checkpoints (0 = all)"),
     ("seed", int, "seed of adapter init, dropout and data order"),
     ("eval_fraction", float, "held-out share when the data has no eval split"),
+    ("eval_accuracy_rows", int, "score exact match on the first N held-out chats (0 = all)"),
 ]
 _BOOL_FLAGS: list[tuple[str, str]] = [
     ("packing", "pack examples into full rows (default) or pad per batch with --no-packing"),
     ("gradient_checkpointing", "recompute activations in backward"),
     ("bf16", "bf16 base weights and autocast"),
     ("train_on_prompt", "train on prompt tokens too (default: assistant tokens only)"),
+    ("eval_accuracy", "also score exact match of greedy answers at each evaluation (default: on "
+                      "for the demo, off with --model)"),
 ]
 _LORA_FLAGS: list[tuple[str, type, str]] = [
     ("r", int, "LoRA rank"),
@@ -202,21 +205,44 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     if main_rank:
-        out = Path(recipe.output_dir)
-        print(f"eval loss: base {summary['base_eval_loss']:.4f} -> final "
-              f"{summary['final_eval_loss']:.4f} (perplexity {summary['base_eval_perplexity']:.1f}"
-              f" -> {summary['final_eval_perplexity']:.1f}) after {summary['steps']} steps, "
-              f"{summary['seconds']:.1f} s, {summary['tokens_per_second']:.0f} tokens/s"
-              if summary["final_eval_loss"] is not None and summary["base_eval_loss"] is not None
-              else f"trained {summary['steps']} steps (no eval data)")
-        if "sample" in summary:
-            s = summary["sample"]
-            print(f"sample (held-out): {s['prompt']!r}\n  reference: {s['reference']!r}\n"
-                  f"  model:     {s['answer']!r}")
-        print(f"adapter: {out / 'adapter'}  summary: {out / 'summary.json'}")
+        _print_report(summary, Path(recipe.output_dir))
         if recipe.is_demo:
             print(f"NOTE: {DEMO_NOTICE}")
     return 0
+
+
+def _print_report(summary: dict[str, Any], out: Path) -> None:
+    """The final report of ``finetune``: loss, exact match (overall and per task), samples, files."""
+    if summary["final_eval_loss"] is not None and summary["base_eval_loss"] is not None:
+        print(f"eval loss: base {summary['base_eval_loss']:.4f} -> final "
+              f"{summary['final_eval_loss']:.4f} (perplexity {summary['base_eval_perplexity']:.1f}"
+              f" -> {summary['final_eval_perplexity']:.1f}) after {summary['steps']} steps, "
+              f"{summary['seconds']:.1f} s, {summary['tokens_per_second']:.0f} tokens/s")
+    else:
+        print(f"trained {summary['steps']} steps (no eval data)")
+    base, final = summary.get("base_eval_accuracy"), summary.get("final_eval_accuracy")
+    if final is not None:
+        before = "n/a" if base is None else f"{100 * base:.1f}%"
+        print(f"exact match on {summary['eval_accuracy_rows']} held-out chats: base {before} -> "
+              f"final {100 * final:.1f}%")
+        per_task = summary.get("eval_accuracy_per_task") or {}
+        cells = [f"{t} {_pct(v['base'])}->{_pct(v['final'])}" for t, v in per_task.items()]
+        for i in range(0, len(cells), 4):
+            print(("  per task: " if i == 0 else "            ") + ", ".join(cells[i:i + 4]))
+    samples = summary.get("samples") or []
+    if samples:
+        print("held-out samples (greedy answers of the tuned model):")
+    for s in samples:
+        mark = {True: "right", False: "WRONG", None: "     "}[s.get("correct")]
+        print(f"  [{mark}] {s['prompt']!r} -> {s['answer']!r}"
+              + ("" if s.get("correct") else f" (reference {s['reference']!r})"))
+    plot = out / "loss_curve.svg"
+    print(f"adapter: {out / 'adapter'}  summary: {out / 'summary.json'}"
+          + (f"  plot: {plot}" if plot.exists() else ""))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

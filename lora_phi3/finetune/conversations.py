@@ -37,7 +37,9 @@ class DataReport:
 
     ``problems`` holds one ``"file:line: message"`` string per skipped row; ``too_long``
     counts the skipped rows that were too long (from :func:`.data.tokenize_dataset`).
-    ``train_locations``/``eval_locations`` name the file:line of each returned conversation.
+    ``train_locations``/``eval_locations`` name the file:line of each returned conversation;
+    ``task_of`` maps a location to its row's optional ``"task"`` label (a string), which accuracy
+    reports break down by.
     """
 
     source: str = ""
@@ -48,6 +50,7 @@ class DataReport:
     problems: list[str] = field(default_factory=list)
     train_locations: list[str] = field(default_factory=list, repr=False)
     eval_locations: list[str] = field(default_factory=list, repr=False)
+    task_of: dict[str, str] = field(default_factory=dict, repr=False)
 
     def summary(self) -> str:
         """One line for logs, e.g. ``data.jsonl: read 120, kept 117, skipped 3 (1 too long)``."""
@@ -206,6 +209,8 @@ def _conversations(rows, report: DataReport, on_bad_row: str) -> tuple[list[list
             report.bad_row(on_bad_row, loc, str(e))
             continue
         locs.append(loc)
+        if isinstance(row.get("task"), str):
+            report.task_of[loc] = row["task"]
     return convs, locs
 
 

@@ -25,8 +25,13 @@ class TrainingData:
 
     train_rows: list[dict]
     eval_rows: list[dict]
-    eval_conversations: list[list[dict]]  # held-out chats, for the sample answer
+    eval_conversations: list[list[dict]]  # held-out chats, for accuracy and the sample answer
     report: DataReport
+
+    @property
+    def eval_tasks(self) -> list[str | None]:
+        """The ``"task"`` label of each held-out conversation (None where the row had none)."""
+        return [self.report.task_of.get(loc) for loc in self.report.eval_locations]
 
 
 def prepare_data(tokenizer, recipe: Recipe) -> TrainingData:

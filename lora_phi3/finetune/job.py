@@ -6,7 +6,8 @@ This is what ``lora-phi3 finetune`` runs, and the Python API equivalent of it. T
 running totals are one :class:`~.run_state.TrainState`, which is what a checkpoint stores.
 
 Outputs in ``recipe.output_dir`` (written by rank 0 only): ``checkpoint-<step>/``, ``adapter/``,
-``metrics.jsonl``, ``loss_curve.png`` (with matplotlib), ``summary.json`` and ``recipe.json``.
+``metrics.jsonl``, ``loss_curve.svg`` (loss and accuracy against the step), ``summary.json`` and
+``recipe.json``.
 """
 
 from __future__ import annotations
@@ -27,21 +28,27 @@ from . import checkpoint as ckpt
 from .dataset import TrainingData, prepare_data
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, wrap_model)
+from .evaluation import Evaluator
 from .generate import sample_answer
 from .models import DEMO_NOTICE, count_parameters, load_model
 from .packing import collate
 from .preemption import StopSignals, TrainingInterrupted
 from .recipe import Recipe
-from .reporting import (MetricsLog, check_output_dir, fmt_loss, json_safe, peak_memory_bytes,
-                        perplexity, plot_loss_curve, write_json)
+from .plot import write_training_plot
+from .reporting import (MetricsLog, check_output_dir, fmt_accuracy, fmt_loss, json_safe,
+                        perplexity, write_json)
 from .run_lock import RunLock
 from .run_state import LogWindow, TrainState, set_seed
+from .summary import run_summary
 from .tokenizer import load_tokenizer
 from .train import (CausalLMLoss, StepPlan, bf16_supported, enable_gradient_checkpointing,
-                    evaluate, global_batch_indices, local_micro_batches, make_optimizer,
+                    global_batch_indices, local_micro_batches, make_optimizer,
                     make_scheduler, plan_steps, train_step)
 
 logger = logging.getLogger(__name__)
+
+#: Held-out answers shown in the summary and the final report.
+N_SAMPLES = 5
 
 __all__ = ["finetune", "FinetuneJob", "TrainState", "TrainingInterrupted", "DEMO_NOTICE", "set_seed"]
 
@@ -107,6 +114,10 @@ class FinetuneJob:
         self.mask_dtype = model.get_input_embeddings().weight.dtype  # packed mask: q's dtype
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=dist.is_main)
+        self.evaluator = Evaluator(self.loss_module, model, self.tokenizer, self.data, t, dist,
+                                   use_bf16=self.use_bf16, mask_dtype=self.mask_dtype,
+                                   sliding_window=self.sliding_window)
+        self.accuracy = None  # the latest evaluation's AccuracyReport (None: not scored)
         plan = self.plan
         logger.info("training %s trainable of %s parameters; %d steps (%d per epoch), global batch "
                     "%d rows = %d x %d accumulation x %d processes",
@@ -128,7 +139,7 @@ class FinetuneJob:
         found = ckpt.resolve_resume(self.out, self.resume)
         if found is None:
             self.metrics.truncate_after(-1)  # a fresh start drops records of a killed attempt
-            self.state.base_eval_loss = self.evaluate(0, base=True)
+            self.evaluate(0, base=True)
             return
         self._restore(found)
         self.metrics.truncate_after(self.state.step)
@@ -262,19 +273,25 @@ class FinetuneJob:
 
     # -- evaluation, checkpoints, outputs --------------------------------------------------------
     def evaluate(self, step: int, *, base: bool = False) -> float | None:
-        """Token-mean loss on the held-out rows (all ranks), recorded in ``metrics.jsonl``."""
-        t = self.cfg
-        loss, n = evaluate(self.loss_module, self.data.eval_rows, batch_size=t.batch_size,
-                           pad_id=self.tokenizer.pad_token_id, packing=t.packing, dist=self.dist,
-                           bf16=self.use_bf16, mask_dtype=self.mask_dtype,
-                           sliding_window=self.sliding_window)
+        """Token-mean loss on the held-out rows and, with ``eval_accuracy``, exact match of greedy
+        answers (all ranks), recorded in ``metrics.jsonl``. Returns the loss."""
+        loss, n = self.evaluator.loss()
+        self.accuracy = acc = self.evaluator.accuracy()
         rec = {"type": "eval", "step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss),
                "eval_tokens": n}
+        if acc is not None:
+            rec.update(eval_accuracy=acc.accuracy, eval_accuracy_per_task=acc.per_task,
+                       eval_accuracy_rows=acc.total)
         if base:
             rec["base"] = True
+            self.state.base_eval_loss = loss
+            if acc is not None:
+                self.state.base_eval_accuracy = acc.accuracy
+                self.state.base_eval_accuracy_per_task = acc.per_task
         self.metrics.append(rec)
-        logger.info("%s: eval loss %s, perplexity %s", "base model" if base else f"step {step}",
-                    fmt_loss(loss), fmt_loss(perplexity(loss)))
+        logger.info("%s: eval loss %s, perplexity %s%s", "base model" if base else f"step {step}",
+                    fmt_loss(loss), fmt_loss(perplexity(loss)),
+                    "" if acc is None else f", exact match {fmt_accuracy(acc)}")
         if not base and loss is not None and not math.isfinite(loss):  # all-reduced: every rank
             raise self._diverged(step, f"eval loss {loss:.4g}")
         return loss
@@ -326,43 +343,25 @@ class FinetuneJob:
         ``summary.json``. Returns the summary."""
         self._check_weights_finite(self.state.step)  # never a non-finite final adapter
         final_loss = self.evaluate(self.plan.total_steps)
-        summary = self._summary(final_loss)
+        summary = run_summary(self, final_loss)
         if self.dist.is_main:
             out = self.out
             save_adapter(self.model, out / "adapter")
-            sample = sample_answer(self.model, self.tokenizer, self.data.eval_conversations)
-            if sample is not None:
-                summary["sample"] = sample
-            plot_loss_curve(self.metrics.read(), out / "loss_curve.png")
+            if self.accuracy is not None:  # held-out answers already generated: show a few
+                summary["samples"] = [{k: s[k] for k in ("prompt", "reference", "answer", "correct")}
+                                      for s in self.accuracy.samples[:N_SAMPLES]]
+            else:
+                sample = sample_answer(self.model, self.tokenizer, self.data.eval_conversations)
+                summary["samples"] = [] if sample is None else [sample]
+            if summary["samples"]:
+                summary["sample"] = summary["samples"][0]  # the key before accuracy existed
+            write_training_plot(self.metrics.read(), out / "loss_curve.svg")
             write_json(out / "summary.json", summary)  # null for NaN/inf, as in every file
             logger.info("done: eval loss %s -> %s in %d steps, %.1f s; adapter in %s",
                         fmt_loss(summary["base_eval_loss"]), fmt_loss(final_loss), self.state.step,
                         summary["seconds"], out / "adapter")
         barrier(self.dist)
         return summary
-
-    def _summary(self, final_loss: float | None) -> dict[str, Any]:
-        state, plan, dist, data = self.state, self.plan, self.dist, self.data
-        peak, peak_kind = peak_memory_bytes(dist.device)
-        peaks = all_gather_objects(peak, dist)
-        report = data.report
-        return {
-            "model": self.recipe.model or "embedded-tiny-phi3", "demo": self.recipe.is_demo,
-            "base_eval_loss": state.base_eval_loss,
-            "base_eval_perplexity": perplexity(state.base_eval_loss),
-            "final_eval_loss": final_loss, "final_eval_perplexity": perplexity(final_loss),
-            "steps": state.step, "epochs": round(state.step / plan.steps_per_epoch, 4),
-            "global_batch_size": plan.global_batch_size, "world_size": dist.world_size,
-            "train_tokens": state.train_tokens, "train_seconds": round(state.train_seconds, 3),
-            "tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
-            "peak_memory_bytes": max(peaks), "peak_memory_kind": peak_kind,
-            "seconds": round(time.time() - self.t0, 3),
-            "trainable_parameters": count_parameters(self.model, trainable_only=True),
-            "total_parameters": count_parameters(self.model),
-            "data": {"source": report.source, "rows_read": report.rows_read, "kept": report.kept,
-                     "skipped": report.skipped, "too_long": report.too_long,
-                     "train_rows": len(data.train_rows), "eval_rows": len(data.eval_rows)},
-        }
 
     def cleanup(self) -> None:
         """Release the run dir and leave the process group (safe after a failed ``setup``)."""

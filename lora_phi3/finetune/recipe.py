@@ -64,6 +64,10 @@ class TrainingConfig:
         train_on_prompt: also train on system/user tokens (default: assistant tokens only).
         on_bad_row: ``"skip"`` (count and warn) or ``"error"`` (stop) on a bad data row.
         eval_fraction: share held out for evaluation when the data has no eval split.
+        eval_accuracy: at each evaluation also score exact match of greedy answers on held-out
+            conversations (generation: costly on a real model, so on by default only in the demo).
+        eval_accuracy_rows: score the first this many held-out conversations (a fixed subset, for
+            speed); 0 scores all.
     """
 
     learning_rate: float = 2e-4
@@ -87,6 +91,8 @@ class TrainingConfig:
     train_on_prompt: bool = False
     on_bad_row: str = "skip"
     eval_fraction: float = 0.05
+    eval_accuracy: bool = False
+    eval_accuracy_rows: int = 200
 
     def __post_init__(self) -> None:
         self.learning_rate = _number(self, "learning_rate", low=0.0, low_open=True)
@@ -100,7 +106,8 @@ class TrainingConfig:
         self.weight_decay = _number(self, "weight_decay", low=0.0)
         self.max_grad_norm = _number(self, "max_grad_norm", low=0.0)
         self.max_seq_length = _int(self, "max_seq_length", low=2)
-        for name in ("packing", "gradient_checkpointing", "bf16", "train_on_prompt"):
+        for name in ("packing", "gradient_checkpointing", "bf16", "train_on_prompt",
+                     "eval_accuracy"):
             if not isinstance(getattr(self, name), bool):
                 _fail(self, name, "must be true or false")
         self.logging_steps = _int(self, "logging_steps", low=1)
@@ -110,6 +117,7 @@ class TrainingConfig:
         self.seed = _int(self, "seed", low=0)
         _choice(self, "on_bad_row", ON_BAD_ROW)
         self.eval_fraction = _number(self, "eval_fraction", low=0.0, high=1.0)
+        self.eval_accuracy_rows = _int(self, "eval_accuracy_rows", low=0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,7 +184,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "learning_rate": 5e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "epochs": 1.0,
     "max_steps": 200, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "max_seq_length": 256,
     "gradient_checkpointing": False, "bf16": False, "logging_steps": 10, "eval_steps": 50,
-    "save_steps": 100, "save_total_limit": 2,
+    "save_steps": 100, "save_total_limit": 2, "eval_accuracy": True,
 }
 DEMO_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                              "target_modules": list(DEFAULT_TARGETS), "bias": "none"}

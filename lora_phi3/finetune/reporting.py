@@ -1,4 +1,4 @@
-"""Run outputs besides checkpoints: ``metrics.jsonl``, the loss-curve PNG, ``summary.json``.
+"""Run outputs besides checkpoints: ``metrics.jsonl``, ``summary.json`` and what the log prints.
 
 Only the main process (rank 0) calls these. Files are replaced atomically (``lora_phi3.atomic``);
 ``metrics.jsonl`` is append-only.
@@ -10,7 +10,6 @@ Every JSON document the job writes goes through :func:`to_json`: standard JSON o
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -27,13 +26,15 @@ from ..atomic import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RUN_FILES", "check_output_dir", "MetricsLog", "plot_loss_curve", "peak_memory_bytes",
-           "perplexity", "json_safe", "to_json", "write_json", "fmt_loss"]
+__all__ = ["RUN_FILES", "check_output_dir", "MetricsLog", "peak_memory_bytes", "perplexity",
+           "json_safe", "to_json", "write_json", "fmt_loss", "fmt_accuracy"]
 
 
 #: What a run writes into its output dir besides ``checkpoint-<step>/`` (``--overwrite-output-dir``
 #: removes exactly these and the checkpoints).
-RUN_FILES = ("adapter", "summary.json", "metrics.jsonl", "loss_curve.png", "recipe.json")
+#: (``loss_curve.png`` is what runs before the SVG plot wrote.)
+RUN_FILES = ("adapter", "summary.json", "metrics.jsonl", "loss_curve.svg", "loss_curve.png",
+             "recipe.json")
 
 
 def check_output_dir(out: Path, resume: bool | str, overwrite: bool) -> None:
@@ -133,41 +134,6 @@ class MetricsLog:
         write_bytes_atomic(self.path, "".join(to_json(r) + "\n" for r in keep).encode())
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike) -> bool:
-    """Plot training and evaluation loss against the step into a PNG.
-
-    Returns:
-        False (and logs why) when matplotlib is not installed or there is nothing to plot.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib is not installed; no loss-curve PNG (pip install matplotlib)")
-        return False
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("type") == "eval"]
-    if not train and not evals:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / label token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())
-    return True
-
-
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     """Peak memory of this process and what it measures.
 
@@ -180,6 +146,13 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_max_rss"
+
+
+def fmt_accuracy(report: Any) -> str:
+    """An accuracy report for the log: ``71.5% (143/200)``, or ``n/a`` when nothing was scored."""
+    if report is None or report.accuracy is None:
+        return "n/a"
+    return f"{100 * report.accuracy:.1f}% ({report.correct}/{report.total})"
 
 
 def fmt_loss(x: float | None) -> str:

@@ -29,14 +29,19 @@ class TrainState:
     train_tokens: int = 0                # tokens (labels or not) of every global batch so far
     train_seconds: float = 0.0           # time inside train_step, summed
     base_eval_loss: float | None = None  # eval loss before training (None: no eval data)
+    base_eval_accuracy: float | None = None  # exact match before training (None: not scored)
+    base_eval_accuracy_per_task: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainState":
-        """The fields of ``data`` (a checkpoint's ``trainer_state``, which holds more keys)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        """The fields of ``data`` (a checkpoint's ``trainer_state``, which holds more keys; the
+        accuracy fields are absent from checkpoints written before they existed)."""
+        optional = ("base_eval_accuracy", "base_eval_accuracy_per_task")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                      if f.name in data or f.name not in optional})
 
 
 @dataclass

@@ -41,25 +41,108 @@ __all__ = ["TrainingConfig", "CausalLMLoss", "StepPlan", "make_optimizer", "make
            "autocast_context", "bf16_supported", "local_micro_batches", "enable_gradient_checkpointing"]
 
 
+#: Decoder layers computing ``h = x + attn(norm(x))``, then
+#: ``h + mlp(post_attention_layernorm(h))``, with ``self_attn.o_proj`` as the attention's last
+#: step: the last one of these can skip unlabeled positions (see :class:`CausalLMLoss`).
+_PRUNABLE_LAYERS = ("Phi3DecoderLayer",)
+
+
+class _LastLayerRows:
+    """Hooks that run the last decoder layer's ``o_proj`` and MLP on selected positions only.
+
+    ``rows`` (flat indices into ``B * T``) is set by :class:`CausalLMLoss` for the duration of one
+    forward; while it is None every hook passes its tensor through unchanged. The selected rows go
+    in (``o_proj``'s input, ``post_attention_layernorm``'s input) and come back scattered into zeros
+    of the full shape: the other positions' outputs are then wrong, and nothing may read them.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.rows: torch.Tensor | None = None
+        o_proj, norm, mlp = layer.self_attn.o_proj, layer.post_attention_layernorm, layer.mlp
+        self.handles = [o_proj.register_forward_pre_hook(self._gather),
+                        o_proj.register_forward_hook(self._scatter),
+                        norm.register_forward_pre_hook(self._gather),
+                        mlp.register_forward_hook(self._scatter)]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "_LastLayerRows":
+        """The layer's hooks, added on first use (a second loss module on the model shares them)."""
+        if not isinstance(getattr(layer, "_lora_phi3_rows", None), cls):
+            layer._lora_phi3_rows = cls(layer)
+        return layer._lora_phi3_rows
+
+    def remove(self) -> None:
+        """Take the hooks off the layer."""
+        for h in self.handles:
+            h.remove()
+        if getattr(self.layer, "_lora_phi3_rows", None) is self:
+            del self.layer._lora_phi3_rows
+
+    def _gather(self, module, args):
+        if self.rows is None:
+            return None
+        x, *rest = args
+        self._shape = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1]).index_select(0, self.rows).unsqueeze(0), *rest)
+
+    def _scatter(self, module, args, out):
+        if self.rows is None:
+            return None
+        y = out.reshape(-1, out.shape[-1])
+        full = y.new_zeros(math.prod(self._shape), y.shape[-1])
+        return full.index_copy(0, self.rows, y).view(*self._shape, y.shape[-1])
+
+
 class CausalLMLoss(nn.Module):
     """``(input_ids, labels, ...) -> (loss_sum, n_label_tokens)`` for a causal LM.
 
     Runs the decoder for hidden states and :func:`~lora_phi3.losses.lm_loss_sum` with the LM head,
     so the full ``(tokens, vocab)`` logits never exist. This is the module that DDP wraps: its
     forward must go through the wrapper for gradient synchronisation.
+
+    Unlabeled positions (prompts, padding: no label at ``t + 1``) need no output from the last
+    decoder layer: only its keys and values reach the other positions. With ``skip_unlabeled``
+    (default) the last layer's ``o_proj``, post-attention norm and MLP therefore run on the
+    labeled positions only (Phi-3 decoder layers; exact, same loss and gradients), as the LM head
+    already does. That saves about 0.75 x the unlabeled share of one layer's work: much on a
+    2-layer model, ~1.5% of a 32-layer Phi-3-mini at 65% prompt tokens. Off under gradient
+    checkpointing (the replay in backward would not see the selection).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = 1024,
+                 skip_unlabeled: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self._last = None  # _LastLayerRows of the last decoder layer, when it can skip positions
+        if skip_unlabeled:
+            decoder = self._decoder()
+            layers = getattr(decoder, "layers", None)
+            if layers is not None and len(layers) and type(layers[-1]).__name__ in _PRUNABLE_LAYERS:
+                self._last = _LastLayerRows.of(layers[-1])
+
+    def _decoder(self) -> nn.Module:
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False)
+        decoder = self._decoder()
+        last = self._last
+        if last is not None and not (getattr(last.layer, "gradient_checkpointing", False)
+                                     and last.layer.training):
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts label t + 1
+            rows = keep.view(-1).nonzero().squeeze(1)
+            if 0 < rows.numel() < keep.numel():
+                last.rows = rows
+        try:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False)
+        finally:
+            if last is not None:
+                last.rows = None
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return lm_loss_sum(hidden, self.model.get_output_embeddings(), labels, self.chunk_size)
 

@@ -53,7 +53,8 @@ def test_default_job_writes_every_output(default_run):
     out, stdout = default_run
     assert "TINY DEMONSTRATION model" in stdout
     assert "--model microsoft/Phi-3-mini-4k-instruct" in stdout
-    assert "sample (held-out):" in stdout and "reference:" in stdout
+    assert "exact match on 200 held-out chats: base " in stdout and "per task: " in stdout
+    assert "held-out samples (greedy answers of the tuned model):" in stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
@@ -61,12 +62,20 @@ def test_default_job_writes_every_output(default_run):
     assert summary["final_eval_loss"] < summary["base_eval_loss"]
     assert summary["data"]["rows_read"] == 2200 and summary["data"]["skipped"] == 0
     assert summary["train_tokens"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["eval_accuracy_rows"] == 200 and 0 <= summary["final_eval_accuracy"] <= 1
+    per_task = summary["eval_accuracy_per_task"]
+    assert {"add", "reverse", "multi"} <= per_task.keys()
+    assert all(v.keys() == {"base", "final"} for v in per_task.values())
+    assert len(summary["samples"]) == 5 and summary["sample"] == summary["samples"][0]
 
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3]  # base model, eval_steps, end
     assert evals[0]["eval_loss"] == pytest.approx(summary["base_eval_loss"])
+    assert evals[0]["eval_accuracy"] == summary["base_eval_accuracy"]
+    assert evals[-1]["eval_accuracy"] == summary["final_eval_accuracy"]
+    assert all(r["eval_accuracy_rows"] == 200 for r in evals)
     assert evals[-1]["eval_perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item())
     assert all({"loss", "lr", "tokens_per_second"} <= r.keys() for r in records if r["type"] == "train")
 
@@ -77,8 +86,24 @@ def test_default_job_writes_every_output(default_run):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data_position"] == {"epoch": 0, "batch_in_epoch": 2}
     assert (out / "adapter" / "adapter.safetensors").is_file()
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (out / "loss_curve.svg").read_text()
+    assert "<svg" in svg and "accuracy" in svg.lower()
     assert json.loads((out / "recipe.json").read_text())["training"]["max_steps"] == 3
+
+
+def test_the_whole_default_run_teaches_the_chat_format(tmp_path, capsys):
+    """Issue 11's targets for ``lora-phi3 finetune`` as it ships: the pretrained base answers at
+    most 10% of the held-out chats right, the tuned model at least 60%, and most printed samples
+    are right (wall time and memory are measured in docs/finetuning.md, not asserted here)."""
+    assert main(["finetune", "--output-dir", str(tmp_path), "--no-progress",
+                 "--log-level", "WARNING"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_accuracy_rows"] == 200
+    assert summary["base_eval_accuracy"] <= 0.10
+    assert summary["final_eval_accuracy"] >= 0.60, summary["eval_accuracy_per_task"]
+    assert sum(s["correct"] for s in summary["samples"]) >= 3
+    stdout = capsys.readouterr().out
+    assert f"final {100 * summary['final_eval_accuracy']:.1f}%" in stdout
 
 
 def test_rerun_into_a_used_output_dir_needs_resume_or_overwrite(default_run, capsys):

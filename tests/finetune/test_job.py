@@ -148,7 +148,8 @@ SUMMARY_KEYS = {"model", "demo", "base_eval_loss", "base_eval_perplexity", "fina
                 "final_eval_perplexity", "steps", "epochs", "global_batch_size", "world_size",
                 "train_tokens", "train_seconds", "tokens_per_second", "peak_memory_bytes",
                 "peak_memory_kind", "seconds", "trainable_parameters", "total_parameters", "data",
-                "sample"}
+                "base_eval_accuracy", "final_eval_accuracy", "eval_accuracy_rows",
+                "eval_accuracy_per_task", "samples", "sample"}
 
 
 def test_summary_and_checkpoint_state_hold_the_train_state(reference_run):
@@ -156,12 +157,16 @@ def test_summary_and_checkpoint_state_hold_the_train_state(reference_run):
     assert summary.keys() == SUMMARY_KEYS
     assert summary["steps"] == 2 and summary["world_size"] == 1
     state = json.loads((reference_run / "checkpoint-1" / "trainer_state.json").read_text())
-    assert state.keys() == {"step", "train_tokens", "train_seconds", "base_eval_loss", "seed",
+    assert state.keys() == {"step", "train_tokens", "train_seconds", "base_eval_loss",
+                            "base_eval_accuracy", "base_eval_accuracy_per_task", "seed",
                             "global_batch_size", "n_rows", "total_steps", "world_size",
                             "data_position"}
     restored = TrainState.from_dict(state)
     assert restored.step == 1 and 0 < restored.train_tokens < summary["train_tokens"]
     assert restored.base_eval_loss == summary["base_eval_loss"]
+    assert restored.base_eval_accuracy == summary["base_eval_accuracy"] is not None
+    assert restored.base_eval_accuracy_per_task == {
+        t: v["base"] for t, v in summary["eval_accuracy_per_task"].items()}
     assert TrainState.from_dict(restored.to_dict()) == restored
 
 
@@ -183,11 +188,9 @@ def test_every_file_the_job_writes_gets_0666_minus_the_umask(small_data, tmp_pat
         os.umask(old)
     modes = _modes(out)
     for name in ("summary.json", "recipe.json", "metrics.jsonl", "adapter/adapter.safetensors",
-                 "checkpoint-1/trainer_state.json", "checkpoint-1/optimizer.pt",
+                 "loss_curve.svg", "checkpoint-1/trainer_state.json", "checkpoint-1/optimizer.pt",
                  "checkpoint-1/adapter.safetensors", "checkpoint-1/adapter_config.json"):
         assert name in modes, name
-    if (out / "loss_curve.png").exists():
-        assert "loss_curve.png" in modes
     wrong = {n: oct(m) for n, m in modes.items()
              if m != (0o755 if (out / n).is_dir() else 0o644)}
     assert not wrong, wrong

@@ -1,5 +1,5 @@
 """Run outputs: the output-dir guard, metrics.jsonl (append, torn lines, truncation on resume),
-the loss-curve PNG, perplexity, peak memory, and standard JSON (null for NaN/inf) in every file."""
+perplexity, peak memory, and standard JSON (null for NaN/inf) in every file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_phi3.finetune.reporting import (RUN_FILES, MetricsLog, check_output_dir, json_safe,
-                                          peak_memory_bytes, perplexity, plot_loss_curve, to_json,
+                                          peak_memory_bytes, perplexity, to_json,
                                           write_json)
 
 
@@ -40,18 +40,6 @@ def test_metrics_log_of_another_rank_writes_nothing(tmp_path):
     log.append({"step": 1})
     log.truncate_after(0)
     assert not log.path.exists()
-
-
-def test_loss_curve_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    records = [{"type": "train", "step": s, "loss": 3.0 - s / 10} for s in range(1, 6)] + \
-        [{"type": "eval", "step": 0, "eval_loss": 3.1}, {"type": "eval", "step": 5, "eval_loss": 2.6}]
-    path = tmp_path / "loss_curve.png"
-    assert plot_loss_curve(records, path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png"]  # no temp file left
-    assert not plot_loss_curve([{"type": "resume", "step": 3}], tmp_path / "none.png")
-    assert not (tmp_path / "none.png").exists()
 
 
 def test_output_dir_guard(tmp_path):

@@ -14,7 +14,16 @@ def test_train_state_round_trips_and_ignores_the_checkpoints_other_keys():
     saved = {**state.to_dict(), "seed": 3, "world_size": 2}  # as trainer_state.json holds it
     assert TrainState.from_dict(saved) == state
     assert state.to_dict() == {"step": 7, "train_tokens": 1234, "train_seconds": 5.5,
-                               "base_eval_loss": None}
+                               "base_eval_loss": None, "base_eval_accuracy": None,
+                               "base_eval_accuracy_per_task": {}}
+    scored = TrainState(step=7, base_eval_accuracy=0.25, base_eval_accuracy_per_task={"add": 0.5})
+    assert TrainState.from_dict(scored.to_dict()) == scored
+
+
+def test_train_state_from_a_checkpoint_before_accuracy_existed_loads():
+    old = {"step": 3, "train_tokens": 10, "train_seconds": 1.0, "base_eval_loss": 2.0}
+    assert TrainState.from_dict(old) == TrainState(step=3, train_tokens=10, train_seconds=1.0,
+                                                   base_eval_loss=2.0)
 
 
 def test_train_state_from_a_checkpoint_missing_a_field_is_refused():
