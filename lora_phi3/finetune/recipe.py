@@ -177,8 +177,9 @@ PHI3_MINI_TRAINING: dict[str, Any] = TrainingConfig().to_dict()
 PHI3_MINI_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
                                   "target_modules": list(DEFAULT_TARGETS), "bias": "none"}
 
-#: The embedded demo: a random-init 2-layer Phi-3 on the bundled toy tasks, sized to finish in
-#: under a minute on 2 CPU cores. A higher learning rate because the random base knows nothing.
+#: The embedded demo: LoRA teaches the pretrained tiny Phi-3 the chat format of the bundled toy
+#: tasks, in about 1.5 minutes on 2 CPU cores, with exact match scored at each evaluation.
+#: (lr 2e-3 gives the same held-out exact match as 5e-3: docs/finetuning.md.)
 DEMO_TRAINING: dict[str, Any] = {
     **PHI3_MINI_TRAINING,
     "learning_rate": 5e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "epochs": 1.0,
