@@ -18,6 +18,11 @@ __all__ = ["LoraConfig", "QUANTIZE_METHODS"]
 QUANTIZE_METHODS = (None, "nf4")
 
 
+#: LoRA-variant switches and their defaults (plain LoRA). A file without one of them means the
+#: default.
+VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False}
+
+
 @dataclass
 class LoraConfig:
     """Configuration for :func:`lora_phi3.inject_lora`.
@@ -39,6 +44,8 @@ class LoraConfig:
             ``layers.``/``h.``/``blocks.`` in the path); None means all.
         fan_in_fan_out: True for weights stored ``(in, out)``; GPT-2 ``Conv1D`` is detected anyway.
         quantize_base: ``None`` or ``"nf4"`` (QLoRA: targeted base weights stored in 4 bits).
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``
+            (rsLoRA, Kalajdzievski 2023; PEFT's name).
     """
 
     r: int = 8
@@ -51,6 +58,7 @@ class LoraConfig:
     layers_to_transform: list[int] | None = None
     fan_in_fan_out: bool = False
     quantize_base: str | None = None
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -85,6 +93,8 @@ class LoraConfig:
         if self.quantize_base not in QUANTIZE_METHODS:
             raise ValueError(f"LoraConfig.quantize_base must be one of {QUANTIZE_METHODS}, "
                              f"got {self.quantize_base!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
 
     @property
     def scaling(self) -> float:
@@ -93,6 +103,13 @@ class LoraConfig:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the LoRA-variant fields (:data:`VARIANT_DEFAULTS`) that are at
+        their defaults: an adapter file of plain LoRA stays byte for byte what it was before the
+        variants existed, and older versions still read it."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in VARIANT_DEFAULTS and v == VARIANT_DEFAULTS[k])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":

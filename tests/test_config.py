@@ -115,3 +115,12 @@ def test_missing_file_is_a_clear_error(tmp_path):
         LoraConfig.from_json(tmp_path / "nope.json")
     with pytest.raises(ValueError, match=r"'.*nope.yaml' is neither inline config text"):
         LoraConfig.from_yaml(str(tmp_path / "nope.yaml"))
+
+
+def test_use_rslora_is_validated_and_round_trips():
+    cfg = LoraConfig(use_rslora=True)
+    assert LoraConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_file_dict()["use_rslora"] is True
+    assert "use_rslora" not in LoraConfig().to_file_dict()  # at its default: left out of files
+    with pytest.raises(ValueError, match="LoraConfig.use_rslora must be a bool, got 1"):
+        LoraConfig(use_rslora=1)

@@ -62,7 +62,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     doc = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
-        "lora_config": config.to_dict() if config is not None else None,
+        "lora_config": config.to_file_dict() if config is not None else None,
         "base_model": {"model_type": getattr(model_cfg, "model_type", None),
                        "name_or_path": getattr(model_cfg, "_name_or_path", None) or None,
                        "class": type(model).__name__},

@@ -13,6 +13,8 @@ fused delta. Every module is zero-padded to the largest rank ``R`` and ``lora_al
 
 from __future__ import annotations
 
+import math
+
 import json
 import logging
 import re
@@ -157,7 +159,11 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
             candidates.setdefault(n.rpartition(".")[2], set()).add(n)
     targets = compress_targets(list(layers), candidates)
     rank_pattern = {} if pad_to_max_rank else _rank_pattern(ranks, rank)
-    alpha_pattern = {k: json_number(s_ref * v) for k, v in rank_pattern.items()}  # alpha/r stays s
+    # rsLoRA when every layer has it (alpha / sqrt(r)), else alpha / r: either way alpha is chosen
+    # so that PEFT's scaling is s_ref, and the logits are ours.
+    rslora = all(getattr(layer, "use_rslora", False) for layer in layers.values())
+    denom = math.sqrt if rslora else float
+    alpha_pattern = {k: json_number(s_ref * denom(v)) for k, v in rank_pattern.items()}
     model_cfg = getattr(model, "config", None)
     peft_cfg = {
         "alora_invocation_tokens": None, "alpha_pattern": alpha_pattern, "arrow_config": None,
@@ -169,7 +175,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "fan_in_fan_out": any(getattr(l, "fan_in_fan_out", False) for l in layers.values()),
         "inference_mode": True, "init_lora_weights": True, "kasa_config": None,
         "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
-        "loftq_config": {}, "lora_alpha": json_number(s_ref * rank), "lora_bias": False,
+        "loftq_config": {}, "lora_alpha": json_number(s_ref * denom(rank)), "lora_bias": False,
         "lora_dropout": config.lora_dropout if config is not None
         else _dropout_p(next(iter(layers.values()))),
         "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
@@ -179,7 +185,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "rank_pattern": rank_pattern, "revision": None, "target_modules": targets, "target_parameters": None,
         "task_type": "CAUSAL_LM" if _is_causal_lm(model) else None,
         "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-        "use_qalora": False, "use_rslora": False, "velora_config": None,
+        "use_qalora": False, "use_rslora": rslora, "velora_config": None,
     }
     return tensors, peft_cfg
 

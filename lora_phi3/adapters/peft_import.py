@@ -221,7 +221,9 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
     first = sorted(modules)[0]
     s_ref = _peft_scaling(cfg, first, modules[first]["A"].shape[0])
     to_save = cfg.get("modules_to_save") or None
-    return LoraConfig(r=rank, lora_alpha=json_number(s_ref * rank),
+    rslora = bool(cfg.get("use_rslora"))  # kept, so a re-export is rsLoRA again
+    return LoraConfig(r=rank, lora_alpha=json_number(s_ref * (math.sqrt(rank) if rslora else rank)),
+                      use_rslora=rslora,
                       lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                       target_modules=compress_targets(chosen, candidates),
                       bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load as st_load
 
-from ..config import LoraConfig
+from ..config import VARIANT_DEFAULTS, LoraConfig
 from ..layers import lora_layers
 from .schema import MODULE_FIELDS
 from .state import adapter_state_dict, module_meta
@@ -36,7 +36,7 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 # LoraConfig fields that must agree between a file and the model under strict loading.
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
-                  "bias", "modules_to_save")
+                  "bias", "modules_to_save", *VARIANT_DEFAULTS)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -168,6 +168,7 @@ def check_config(model_cfg: LoraConfig | None, saved: dict[str, Any] | None) -> 
     if model_cfg is None or saved is None:
         return []
     have = model_cfg.to_dict()
+    saved = {**VARIANT_DEFAULTS, **saved}  # a variant switch absent from a file is at its default
     diff = {k: (saved.get(k), have.get(k)) for k in _CONFIG_FIELDS if saved.get(k) != have.get(k)}
     return [f"LoraConfig differs (file, model): {diff}"] if diff else []
 

@@ -46,7 +46,9 @@ class LoRALayer(nn.Module):
     Attributes:
         r: rank of the update; 0 means the layer behaves exactly like its torch module.
         lora_alpha: numerator of the scaling.
-        scaling: ``lora_alpha / r``, computed once here.
+        scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), computed once
+            here.
+        use_rslora: rank-stabilised scaling (rsLoRA).
         lora_dropout: ``nn.Dropout`` (or ``nn.Identity`` for p=0) applied to the adapter's input.
             A module, not a lambda, so layers pickle and deepcopy.
         merged: True while ``delta_weight()`` is folded into ``weight``.
@@ -57,11 +59,17 @@ class LoRALayer(nn.Module):
     r: int
     weight: torch.Tensor | None
 
-    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
+    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
+                   use_rslora: bool = False) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.use_rslora = use_rslora
+        # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732, Thm 3.2): alpha / sqrt(r) keeps the
+        # update's scale stable as r grows; the original LoRA (section 4.1) uses alpha / r.
+        self.scaling = (lora_alpha / (math.sqrt(r) if use_rslora else r)) if r > 0 else 0.0
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merge_weights = merge_weights
         self.merged = False

@@ -24,13 +24,13 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
-                 **kwargs: Any) -> None:
+                 use_rslora: bool = False, **kwargs: Any) -> None:
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._setup(r, lora_alpha, merge_weights, lora_dtype)
+        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora)
         self.reset_parameters()  # loralib's order: table (again), then the adapter
 
-    def _setup(self, r, lora_alpha, merge_weights, lora_dtype) -> None:
-        self._init_lora(r, lora_alpha, 0.0, merge_weights)
+    def _setup(self, r, lora_alpha, merge_weights, lora_dtype, use_rslora=False) -> None:
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
         if r > 0:
             dtype, device = lora_dtype or self.weight.dtype, self.weight.device
             self.lora_A = new_lora_param((r, self.num_embeddings), dtype, device)
@@ -39,7 +39,8 @@ class Embedding(LoRALayer, nn.Embedding):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, r: int = 0, lora_alpha: float = 1,
-                       merge_weights: bool = True, lora_dtype: torch.dtype | None = None) -> "Embedding":
+                       merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
+                       use_rslora: bool = False) -> "Embedding":
         """Wrap an existing ``nn.Embedding``, sharing (not copying) its table."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -47,7 +48,7 @@ class Embedding(LoRALayer, nn.Embedding):
                      "scale_grad_by_freq", "sparse"):
             setattr(self, name, getattr(embedding, name))
         self.weight = embedding.weight
-        self._setup(r, lora_alpha, merge_weights, lora_dtype)
+        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora)
         if r > 0:
             self.reset_lora_parameters()
         return self

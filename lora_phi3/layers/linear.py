@@ -175,6 +175,7 @@ class Linear(_LinearLoRA):
         in_features, out_features: as ``nn.Linear``.
         r: rank; 0 (the default, as in loralib) adds no adapter.
         lora_alpha: scaling numerator; ``scaling = lora_alpha / r``.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` (rsLoRA).
         lora_dropout: dropout probability on the adapter's input.
         fan_in_fan_out: True if ``weight`` is stored as ``(in_features, out_features)`` (GPT-2 Conv1D).
         merge_weights: merge on ``eval()`` and unmerge on ``train()``.
@@ -187,15 +188,17 @@ class Linear(_LinearLoRA):
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 lora_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+                 lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
+                 **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype,
+                    use_rslora)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                fan_in_fan_out: bool = False, merge_weights: bool = True,
-               lora_dtype: torch.dtype | None = None) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+               lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_slices = ((0, self.out_features),)
         if r > 0:
@@ -204,14 +207,15 @@ class Linear(_LinearLoRA):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     fan_in_fan_out: bool = False, merge_weights: bool = True,
-                    lora_dtype: torch.dtype | None = None) -> "Linear":
+                    lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> "Linear":
         """Wrap an existing linear-like module, sharing (not copying) its ``weight`` and ``bias``.
 
         ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
         such as transformers' GPT-2 ``Conv1D`` (pass ``fan_in_fan_out=True``).
         """
         self = cls._wrap(linear, fan_in_fan_out)
-        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype,
+                    use_rslora)
         if r > 0:
             self.reset_lora_parameters()
         return self
@@ -236,17 +240,17 @@ class MergedLinear(_LinearLoRA):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
-                 **kwargs: Any) -> None:
+                 use_rslora: bool = False, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
-                    split_sizes, lora_dtype)
+                    split_sizes, lora_dtype, use_rslora)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
-               lora_dtype: torch.dtype | None = None) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+               lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora:
@@ -278,11 +282,12 @@ class MergedLinear(_LinearLoRA):
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                     merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
-                    lora_dtype: torch.dtype | None = None) -> "MergedLinear":
+                    lora_dtype: torch.dtype | None = None,
+                    use_rslora: bool = False) -> "MergedLinear":
         """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
-                    split_sizes, lora_dtype)
+                    split_sizes, lora_dtype, use_rslora)
         if self.r > 0:
             self.reset_lora_parameters()
         return self

@@ -86,7 +86,9 @@ def test_file_holds_only_lora_tensors_as_safetensors(tmp_path):
     doc = json.loads((path / "adapter_config.json").read_text())
     assert doc["format"] == "lora_phi3.adapter" and doc["format_version"] == 1
     assert doc["sha256"] == hashlib.sha256(data).hexdigest() and doc["num_bytes"] == len(data)
-    assert doc["lora_config"] == get_lora_config(model).to_dict()
+    assert doc["lora_config"] == get_lora_config(model).to_file_dict()
+    assert "use_rslora" not in doc["lora_config"]  # plain LoRA files are as before the variants
+    assert {**doc["lora_config"], "use_rslora": False} == get_lora_config(model).to_dict()
     qkv = doc["modules"]["model.layers.0.self_attn.qkv_proj"]
     assert qkv["type"] == "MergedLinear" and qkv["split_sizes"] == [64, 16, 16]
     assert qkv["enable_lora"] == [True, False, True] and qkv["r"] == 4 and qkv["scaling"] == 2.0
@@ -394,3 +396,18 @@ def test_saved_adapter_directory_has_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (os.stat(out).st_mode & 0o777) == 0o755
+
+
+def test_an_rslora_adapter_saves_its_switch_and_loads_onto_a_bare_model(tmp_path):
+
+    ours = adapted(["qkv_proj", "down_proj"], use_rslora=True)
+    save_adapter(ours, tmp_path / "a")
+    doc = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert doc["lora_config"]["use_rslora"] is True
+    back = load_adapter(tiny_phi3(), tmp_path / "a")
+    assert get_lora_config(back).use_rslora
+    assert all(m.scaling == 8 / 2 for m in lora_modules(back).values())
+    torch.testing.assert_close(logits(back), logits(ours), atol=0, rtol=0)
+    plain = adapted(["qkv_proj", "down_proj"])  # same shapes, scaling alpha / r: refused
+    with pytest.raises(ValueError, match="use_rslora"):
+        load_adapter(plain, tmp_path / "a")

@@ -2,6 +2,7 @@
 same logits as our model and as a dense reference, in the layout the format documents."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from lora_phi3.adapters import export_peft, import_peft, peft_state_dict
 from lora_phi3.config import LoraConfig
-from lora_phi3.inject import inject_lora, lora_modules
+from lora_phi3.inject import get_lora_config, inject_lora, lora_modules
 from tiny import adapted, dense_reference, logits, tiny_phi3
 
 peft = pytest.importorskip("peft")
@@ -91,3 +92,22 @@ def test_rank_pattern_export_is_exact_in_peft_and_smaller(tmp_path):
     torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-4, rtol=0)
     back = import_peft(tiny_phi3(), compact)
     torch.testing.assert_close(logits(back), logits(ours), atol=1e-4, rtol=0)
+
+
+def test_rslora_export_carries_use_rslora_and_loads_in_peft_with_the_same_logits(tmp_path):
+    ours = adapted(FUSED, use_rslora=True)
+    assert all(m.scaling == 8 / 2 for m in lora_modules(ours).values())  # 8 / sqrt(4)
+    export_peft(ours, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    # per-slice adapters export as one block-diagonal rank-12 adapter (3 slices of qkv_proj x 4):
+    # alpha / sqrt(12) must still be our 8 / sqrt(4)
+    assert cfg["use_rslora"] is True and cfg["r"] == 12
+    assert cfg["lora_alpha"] == pytest.approx(4 * math.sqrt(12), rel=1e-12)
+    theirs = peft.PeftModel.from_pretrained(tiny_phi3(), tmp_path / "p").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(ours), logits(dense_reference(ours)), atol=1e-4, rtol=0)
+    # and back: the import keeps the variant, so a re-export is rsLoRA again
+    back = import_peft(tiny_phi3(), tmp_path / "p")
+    assert get_lora_config(back).use_rslora
+    assert all(m.scaling == pytest.approx(4.0) for m in lora_modules(back).values())
+    torch.testing.assert_close(logits(back), logits(ours), atol=1e-5, rtol=0)

@@ -62,6 +62,7 @@ def test_peft_scaling_variants_rslora_rank_and_alpha_patterns(tmp_path):
                                 alpha_pattern={"down_proj": 3})
     ours = import_peft(tiny_phi3(), path)
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-4, rtol=0)
+    assert get_lora_config(ours).use_rslora  # the variant is kept, not folded away
 
     def scaling(name, r):  # written out from PEFT's documented rules
         alpha = 3 if name.endswith("down_proj") else 8

@@ -113,5 +113,5 @@ def test_the_cli_reads_through_the_same_validator(saved, tmp_path, capsys):
 
 def test_the_saved_document_passes_and_yields_its_config(saved):
     _, doc = saved
-    assert check_adapter_json(doc, "x").to_dict() == doc["lora_config"]
+    assert check_adapter_json(doc, "x").to_file_dict() == doc["lora_config"]
     assert check_adapter_json(edit(doc, ("lora_config",), None), "x") is None

@@ -1,5 +1,7 @@
 """The merge protocol and state handling every LoRA layer shares (LoRALayer), on every layer kind."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -144,3 +146,34 @@ def test_loading_lora_state_while_merged_merges_the_new_delta():
 def test_bad_layer_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lora.Linear(4, 4, **kwargs)
+
+
+# -- rsLoRA: the scaling is the one thing that changes ---------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda **kw: lora.Linear(12, 10, r=4, lora_alpha=8, **kw),
+    lambda **kw: lora.MergedLinear(12, 12, r=4, lora_alpha=8, enable_lora=[True, False, True], **kw),
+    lambda **kw: lora.Embedding(20, 12, r=4, lora_alpha=8, **kw),
+    lambda **kw: lora.Conv2d(3, 6, 3, r=4, lora_alpha=8, **kw),
+])
+def test_rslora_scales_by_alpha_over_sqrt_r(make):
+    plain, rs = make(), make(use_rslora=True)
+    assert plain.scaling == 8 / 4 and not plain.use_rslora
+    assert rs.scaling == 8 / math.sqrt(4) and rs.use_rslora
+
+
+def test_rslora_linear_forward_and_merge_against_a_dense_reference():
+    torch.manual_seed(0)
+    layer = lora.Linear(12, 10, r=4, lora_alpha=8, use_rslora=True)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 12)
+    W, A, B, b = layer.weight, layer.lora_A, layer.lora_B, layer.bias
+    expected = x @ (W + 8 / math.sqrt(4) * B @ A).T + b  # rsLoRA: alpha / sqrt(r)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+    layer.eval()  # merges
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_use_rslora_must_be_a_bool():
+    with pytest.raises(ValueError, match="use_rslora must be True or False, got 'yes'"):
+        lora.Linear(4, 4, r=2, use_rslora="yes")
