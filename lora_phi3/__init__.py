@@ -3,9 +3,10 @@
 ``import lora_phi3 as lora`` gives the loralib names (``lora.Linear``, ``lora.MergedLinear``,
 ``lora.Embedding``, ``lora.Conv1d/2d/3d``, ``lora.mark_only_lora_as_trainable``,
 ``lora.lora_state_dict``) plus the injector and its controls, adapter files and PEFT interop,
-QLoRA, and a divergence guard for your own training loop (``check_finite_step``). Importing it
-loads neither transformers nor the fine-tuning job; the job is the subpackage
-:mod:`lora_phi3.finetune` (``from lora_phi3.finetune import finetune, load_recipe``).
+QLoRA, LoRA+ optimizer groups (``lora_plus_param_groups``) and a divergence guard for your own
+training loop (``check_finite_step``). Importing it loads neither transformers nor the
+fine-tuning job; the job is the subpackage :mod:`lora_phi3.finetune`
+(``from lora_phi3.finetune import finetune, load_recipe``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .inject import (dequantize_and_merge, disable_lora, get_lora_config, inject
 from .adapters import (adapter_state_dict, export_peft, import_peft, load_adapter, peft_state_dict,
                        read_adapter, save_adapter)
 from .quant import Linear4bit, MergedLinear4bit, NF4Tensor, nf4_dequantize, nf4_quantize
+from .optim import lora_plus_param_groups
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ __all__ = [
     "export_peft", "import_peft", "peft_state_dict",
     "NF4Tensor", "nf4_quantize", "nf4_dequantize",
     "Linear4bit", "MergedLinear4bit", "load_quantized_model", "dequantize_and_merge",
+    "lora_plus_param_groups",
 ]
 
 # Names the job owns now; they stayed importable from here for scripts written before the split.

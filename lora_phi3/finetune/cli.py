@@ -31,6 +31,8 @@ _TRAINING_FLAGS: list[tuple[str, type, str]] = [
     ("max_steps", int, "optimizer steps (wins over --epochs)"),
     ("warmup_ratio", float, "share of steps with linear warm-up, in [0, 1)"),
     ("weight_decay", float, "AdamW weight decay"),
+    ("loraplus_lr_ratio", float, "LoRA+: train lora_B at this many times the learning rate "
+                                 "(e.g. 16; default: off)"),
     ("max_grad_norm", float, "gradient clipping norm (0 = off)"),
     ("max_seq_length", int, "longest example in tokens (and packed row length)"),
     ("logging_steps", int, "log the loss every N steps"),

@@ -108,7 +108,7 @@ class FinetuneJob:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_module = CausalLMLoss(model)
         self.wrapped = wrap_model(self.loss_module, dist)
-        self.optimizer = make_optimizer(self.params, t)
+        self.optimizer = make_optimizer(self.params, t, model)
         self.plan: StepPlan = plan_steps(len(self.data.train_rows), t, dist.world_size)
         self.scheduler = make_scheduler(self.optimizer, t, self.plan.total_steps)
         self.mask_dtype = model.get_input_embeddings().weight.dtype  # packed mask: q's dtype

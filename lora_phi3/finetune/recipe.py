@@ -50,6 +50,10 @@ class TrainingConfig:
         warmup_ratio: share of the steps with a linear warm-up, in [0, 1).
         lr_scheduler: ``"cosine"``, ``"linear"`` (decay to 0) or ``"constant"`` (after warm-up).
         weight_decay: AdamW decoupled weight decay (>= 0).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): train every ``lora_B`` at this many times
+            ``learning_rate`` (> 0; 16 is the paper's default), with PEFT's LoRA+ groups
+            (:func:`lora_phi3.lora_plus_param_groups`: embedding adapters at 1e-6, no weight decay
+            on biases and LayerNorm weights). None (default) trains with one learning rate.
         max_grad_norm: gradient clipping norm; 0 disables clipping.
         max_seq_length: longest example in tokens; longer rows are skipped or fail (on_bad_row).
         packing: concatenate examples into rows of ``max_seq_length`` tokens (block-diagonal
@@ -78,6 +82,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.2
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = None
     max_grad_norm: float = 1.0
     max_seq_length: int = 2048
     packing: bool = True
@@ -104,6 +109,8 @@ class TrainingConfig:
         self.warmup_ratio = _number(self, "warmup_ratio", low=0.0, high=1.0)
         _choice(self, "lr_scheduler", LR_SCHEDULERS)
         self.weight_decay = _number(self, "weight_decay", low=0.0)
+        if self.loraplus_lr_ratio is not None:
+            self.loraplus_lr_ratio = _number(self, "loraplus_lr_ratio", low=0.0, low_open=True)
         self.max_grad_norm = _number(self, "max_grad_norm", low=0.0)
         self.max_seq_length = _int(self, "max_seq_length", low=2)
         for name in ("packing", "gradient_checkpointing", "bf16", "train_on_prompt",

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .. import TrainingDiverged, check_finite_step
+from .. import TrainingDiverged, check_finite_step, lora_plus_param_groups
 from .distributed import DistState, all_reduce_sum, no_sync
 from .losses import IGNORE_INDEX, lm_loss_sum
 from .packing import batches, collate
@@ -148,16 +148,33 @@ class CausalLMLoss(nn.Module):
 
 
 # -- optimizer and schedule ----------------------------------------------------------------------
-def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainingConfig) -> torch.optim.AdamW:
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainingConfig,
+                   model: nn.Module | None = None) -> torch.optim.AdamW:
     """AdamW over ``params`` (the trainable ones) with the config's lr and weight decay.
 
+    With ``cfg.loraplus_lr_ratio`` set, the parameters are split into LoRA+ groups
+    (:func:`lora_phi3.lora_plus_param_groups` of ``model``: ``lora_B`` at ratio x lr); the
+    scheduler scales every group's lr by the same factor.
+
     Raises:
-        ValueError: if ``params`` is empty (nothing to train).
+        ValueError: if ``params`` is empty (nothing to train); with LoRA+, if ``model`` is missing
+            or its trainable parameters are not ``params``.
     """
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: did inject_lora match any target_modules?")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    if cfg.loraplus_lr_ratio is None:
+        groups: list[Any] = params
+    else:
+        if model is None:
+            raise ValueError("training.loraplus_lr_ratio (--loraplus-lr-ratio) needs the model "
+                             "to find each adapter's A and B: pass make_optimizer(..., model)")
+        groups = lora_plus_param_groups(model, lr=cfg.learning_rate, ratio=cfg.loraplus_lr_ratio,
+                                        weight_decay=cfg.weight_decay)
+        grouped = {id(p) for g in groups for p in g["params"]}
+        if grouped != {id(p) for p in params}:
+            raise ValueError("LoRA+ groups do not cover exactly the trainable parameters given")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                              betas=(0.9, 0.999), eps=1e-8)
 
 
