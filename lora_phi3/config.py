@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic
+from .layers.base import check_init_lora_weights
 from .utils import BIAS_MODES
 
 __all__ = ["LoraConfig", "QUANTIZE_METHODS"]
@@ -20,7 +21,7 @@ QUANTIZE_METHODS = (None, "nf4")
 
 #: LoRA-variant switches and their defaults (plain LoRA). A file without one of them means the
 #: default.
-VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False}
+VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True}
 
 
 @dataclass
@@ -46,6 +47,9 @@ class LoraConfig:
         quantize_base: ``None`` or ``"nf4"`` (QLoRA: targeted base weights stored in 4 bits).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``
             (rsLoRA, Kalajdzievski 2023; PEFT's name).
+        init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r^2),
+            B = 0) or ``False`` (B random too: the adapter is not a no-op at the start), as in
+            PEFT.
     """
 
     r: int = 8
@@ -59,6 +63,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     quantize_base: str | None = None
     use_rslora: bool = False
+    init_lora_weights: bool | str = True
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -95,6 +100,7 @@ class LoraConfig:
                              f"got {self.quantize_base!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        check_init_lora_weights(self.init_lora_weights, "LoraConfig.init_lora_weights")
 
     @property
     def scaling(self) -> float:

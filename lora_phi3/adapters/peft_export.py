@@ -173,7 +173,8 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
         "exclude_modules": None,
         "fan_in_fan_out": any(getattr(l, "fan_in_fan_out", False) for l in layers.values()),
-        "inference_mode": True, "init_lora_weights": True, "kasa_config": None,
+        "inference_mode": True, "kasa_config": None,
+        "init_lora_weights": config.init_lora_weights if config is not None else True,
         "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
         "loftq_config": {}, "lora_alpha": json_number(s_ref * denom(rank)), "lora_bias": False,
         "lora_dropout": config.lora_dropout if config is not None

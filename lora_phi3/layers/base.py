@@ -32,6 +32,19 @@ def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
 
 
+#: ``init_lora_weights`` values the layers implement (PEFT's names). PEFT's data-driven ones
+#: (``"pissa"``, ``"olora"``, ``"loftq"``, ...) are not implemented yet.
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+
+def check_init_lora_weights(value: object, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is one of :data:`INIT_LORA_WEIGHTS`."""
+    if not any(value is v or (isinstance(v, str) and value == v) for v in INIT_LORA_WEIGHTS):
+        raise ValueError(f"{where} must be one of True, False, 'gaussian', got {value!r} (PEFT's "
+                         "data-driven initialisations such as 'pissa' and 'olora' are not "
+                         "implemented in lora_phi3 yet)")
+
+
 def new_lora_param(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     """A zero-filled adapter parameter (initialised by ``reset_lora_parameters``)."""
     return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device))
@@ -60,10 +73,12 @@ class LoRALayer(nn.Module):
     weight: torch.Tensor | None
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
-                   use_rslora: bool = False) -> None:
+                   use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        check_init_lora_weights(init_lora_weights, "init_lora_weights")
+        self.init_lora_weights = init_lora_weights
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -93,9 +108,22 @@ class LoRALayer(nn.Module):
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        # Section 4.1 of the paper: A ~ kaiming-uniform, B = 0, so delta W = 0 at the start.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """Initialise ``A`` and ``B`` as ``init_lora_weights`` says (PEFT's meanings).
+
+        ``True``: section 4.1 of the paper, A kaiming-uniform and B = 0, so delta W = 0 at the
+        start. ``"gaussian"``: A ~ N(0, 1/r^2), B = 0. ``False``: B initialised like A (as an
+        ``nn.Linear(r, out)`` weight), so the adapter changes the function from the start (for
+        tests and for studying the init).
+        """
+        init = getattr(self, "init_lora_weights", True)  # layers pickled before the switch
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
 
     # -- which parameters are the adapter's: the one answer, asked of the layer -------------------
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")

@@ -32,14 +32,17 @@ class _ConvLoRA(LoRALayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0,
                  lora_alpha: float = 1, lora_dropout: float = 0.0, merge_weights: bool = True,
                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                 **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._setup(r, lora_alpha, lora_dropout, merge_weights, lora_dtype, use_rslora)
+        self._setup(r, lora_alpha, lora_dropout, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         self.reset_parameters()  # loralib's order: kernel and bias (again), then A
 
     def _setup(self, r, lora_alpha, lora_dropout, merge_weights, lora_dtype,
-               use_rslora=False) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+               use_rslora=False,
+               init_lora_weights=True) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
+                        init_lora_weights)
         if r > 0:
             k0, rest = self.kernel_size[0], math.prod(self.kernel_size[1:])
             dtype, device = lora_dtype or self.weight.dtype, self.weight.device
@@ -50,7 +53,8 @@ class _ConvLoRA(LoRALayer):
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, r: int = 0, lora_alpha: float = 1,
                   lora_dropout: float = 0.0, merge_weights: bool = True,
-                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False):
+                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
+                  init_lora_weights: bool | str = True):
         """Wrap an existing convolution of the matching dimension, sharing its weight and bias.
 
         Raises:
@@ -66,7 +70,8 @@ class _ConvLoRA(LoRALayer):
                      "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(conv, name))
         self.weight, self.bias = conv.weight, conv.bias
-        self._setup(r, lora_alpha, lora_dropout, merge_weights, lora_dtype, use_rslora)
+        self._setup(r, lora_alpha, lora_dropout, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         if r > 0:
             self.reset_lora_parameters()
         return self

@@ -24,13 +24,17 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False, **kwargs: Any) -> None:
+                 use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora)
+        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         self.reset_parameters()  # loralib's order: table (again), then the adapter
 
-    def _setup(self, r, lora_alpha, merge_weights, lora_dtype, use_rslora=False) -> None:
-        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
+    def _setup(self, r, lora_alpha, merge_weights, lora_dtype, use_rslora=False,
+    init_lora_weights=True) -> None:
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora,
+                        init_lora_weights)
         if r > 0:
             dtype, device = lora_dtype or self.weight.dtype, self.weight.device
             self.lora_A = new_lora_param((r, self.num_embeddings), dtype, device)
@@ -40,7 +44,8 @@ class Embedding(LoRALayer, nn.Embedding):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, r: int = 0, lora_alpha: float = 1,
                        merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
-                       use_rslora: bool = False) -> "Embedding":
+                       use_rslora: bool = False,
+                       init_lora_weights: bool | str = True) -> "Embedding":
         """Wrap an existing ``nn.Embedding``, sharing (not copying) its table."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -48,14 +53,20 @@ class Embedding(LoRALayer, nn.Embedding):
                      "scale_grad_by_freq", "sparse"):
             setattr(self, name, getattr(embedding, name))
         self.weight = embedding.weight
-        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora)
+        self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         if r > 0:
             self.reset_lora_parameters()
         return self
 
     def reset_lora_parameters(self) -> None:
-        # loralib's choice for embeddings: A = 0 and B normal (the delta still starts at zero).
-        nn.init.zeros_(self.lora_A)
+        # loralib's choice for embeddings: A = 0 and B normal (the delta still starts at zero);
+        # PEFT keeps it for "gaussian" too. init_lora_weights=False: A normal as well, as PEFT's
+        # uninitialised embedding adapter (randn) is.
+        if getattr(self, "init_lora_weights", True) is False:
+            nn.init.normal_(self.lora_A)
+        else:
+            nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:

@@ -189,16 +189,18 @@ class Linear(_LinearLoRA):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                 **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype,
-                    use_rslora)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                fan_in_fan_out: bool = False, merge_weights: bool = True,
-               lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+               lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
+               init_lora_weights: bool | str = True) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
+                        init_lora_weights)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_slices = ((0, self.out_features),)
         if r > 0:
@@ -207,15 +209,16 @@ class Linear(_LinearLoRA):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     fan_in_fan_out: bool = False, merge_weights: bool = True,
-                    lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> "Linear":
+                    lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
+                    init_lora_weights: bool | str = True) -> "Linear":
         """Wrap an existing linear-like module, sharing (not copying) its ``weight`` and ``bias``.
 
         ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
         such as transformers' GPT-2 ``Conv1D`` (pass ``fan_in_fan_out=True``).
         """
         self = cls._wrap(linear, fan_in_fan_out)
-        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype,
-                    use_rslora)
+        self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
+                    init_lora_weights)
         if r > 0:
             self.reset_lora_parameters()
         return self
@@ -240,17 +243,21 @@ class MergedLinear(_LinearLoRA):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False, **kwargs: Any) -> None:
+                 use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
-                    split_sizes, lora_dtype, use_rslora)
+                    split_sizes, lora_dtype, use_rslora,
+                    init_lora_weights)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
-               lora_dtype: torch.dtype | None = None, use_rslora: bool = False) -> None:
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+               lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
+               init_lora_weights: bool | str = True) -> None:
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
+                        init_lora_weights)
         self.fan_in_fan_out = fan_in_fan_out
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora:
@@ -283,11 +290,13 @@ class MergedLinear(_LinearLoRA):
                     enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                     merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                     lora_dtype: torch.dtype | None = None,
-                    use_rslora: bool = False) -> "MergedLinear":
+                    use_rslora: bool = False,
+                    init_lora_weights: bool | str = True) -> "MergedLinear":
         """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
-                    split_sizes, lora_dtype, use_rslora)
+                    split_sizes, lora_dtype, use_rslora,
+                    init_lora_weights)
         if self.r > 0:
             self.reset_lora_parameters()
         return self

@@ -59,7 +59,8 @@ class Linear4bit(Linear):
     def from_nf4(cls, q: NF4Tensor, bias: torch.Tensor | None = None, r: int = 0,
                  lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                  merge_weights: bool = False, lora_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False) -> "Linear4bit":
+                 use_rslora: bool = False,
+                 init_lora_weights: bool | str = True) -> "Linear4bit":
         """Wrap a 4-bit weight ``(out_features, in_features)`` (``bias``: ``(out_features,)``).
 
         Raises:
@@ -68,21 +69,24 @@ class Linear4bit(Linear):
         return cls.with_base(_nf4_base(cls.__name__, q), bias, r=r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              merge_weights=merge_weights, lora_dtype=lora_dtype,
-                             use_rslora=use_rslora)
+                             use_rslora=use_rslora,
+                             init_lora_weights=init_lora_weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1,
                     lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                     merge_weights: bool = False, lora_dtype: torch.dtype | None = None,
                     block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
-                    use_rslora: bool = False) -> "Linear4bit":
+                    use_rslora: bool = False,
+                    init_lora_weights: bool | str = True) -> "Linear4bit":
         """Quantise ``linear.weight`` (shared ``bias``) and wrap it. ``merge_weights`` defaults to
         False here: merging materialises a dense weight, which ``eval()`` should not do silently."""
         base = _quantized(linear, fan_in_fan_out, block_size, double_quant)
         return cls.with_base(base, getattr(linear, "bias", None), r=r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              merge_weights=merge_weights, lora_dtype=lora_dtype,
-                             use_rslora=use_rslora)
+                             use_rslora=use_rslora,
+                             init_lora_weights=init_lora_weights)
 
 
 class MergedLinear4bit(MergedLinear):
@@ -95,7 +99,8 @@ class MergedLinear4bit(MergedLinear):
                  enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                  merge_weights: bool = False, split_sizes: Sequence[int] | None = None,
                  lora_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False) -> "MergedLinear4bit":
+                 use_rslora: bool = False,
+                 init_lora_weights: bool | str = True) -> "MergedLinear4bit":
         """Wrap a 4-bit fused weight ``(out_features, in_features)``.
 
         Raises:
@@ -106,7 +111,8 @@ class MergedLinear4bit(MergedLinear):
                              lora_dropout=lora_dropout, enable_lora=enable_lora,
                              fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights,
                              split_sizes=split_sizes, lora_dtype=lora_dtype,
-                             use_rslora=use_rslora)
+                             use_rslora=use_rslora,
+                             init_lora_weights=init_lora_weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1,
@@ -114,14 +120,16 @@ class MergedLinear4bit(MergedLinear):
                     fan_in_fan_out: bool = False, merge_weights: bool = False,
                     split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
                     block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
-                    use_rslora: bool = False) -> "MergedLinear4bit":
+                    use_rslora: bool = False,
+                    init_lora_weights: bool | str = True) -> "MergedLinear4bit":
         """Quantise ``linear.weight`` (shared ``bias``) and wrap it."""
         base = _quantized(linear, fan_in_fan_out, block_size, double_quant)
         return cls.with_base(base, getattr(linear, "bias", None), r=r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, enable_lora=enable_lora,
                              fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights,
                              split_sizes=split_sizes, lora_dtype=lora_dtype,
-                             use_rslora=use_rslora)
+                             use_rslora=use_rslora,
+                             init_lora_weights=init_lora_weights)
 
 
 # -- what inject_lora dispatches to for quantize_base="nf4" ---------------------------------------

@@ -87,8 +87,10 @@ def test_file_holds_only_lora_tensors_as_safetensors(tmp_path):
     assert doc["format"] == "lora_phi3.adapter" and doc["format_version"] == 1
     assert doc["sha256"] == hashlib.sha256(data).hexdigest() and doc["num_bytes"] == len(data)
     assert doc["lora_config"] == get_lora_config(model).to_file_dict()
-    assert "use_rslora" not in doc["lora_config"]  # plain LoRA files are as before the variants
-    assert {**doc["lora_config"], "use_rslora": False} == get_lora_config(model).to_dict()
+    # plain LoRA files are as before the variants: their switches are left out at the defaults
+    assert "use_rslora" not in doc["lora_config"] and "init_lora_weights" not in doc["lora_config"]
+    assert {**doc["lora_config"], "use_rslora": False, "init_lora_weights": True} == \
+        get_lora_config(model).to_dict()
     qkv = doc["modules"]["model.layers.0.self_attn.qkv_proj"]
     assert qkv["type"] == "MergedLinear" and qkv["split_sizes"] == [64, 16, 16]
     assert qkv["enable_lora"] == [True, False, True] and qkv["r"] == 4 and qkv["scaling"] == 2.0
@@ -411,3 +413,13 @@ def test_an_rslora_adapter_saves_its_switch_and_loads_onto_a_bare_model(tmp_path
     plain = adapted(["qkv_proj", "down_proj"])  # same shapes, scaling alpha / r: refused
     with pytest.raises(ValueError, match="use_rslora"):
         load_adapter(plain, tmp_path / "a")
+
+
+def test_a_gaussian_init_adapter_records_it_and_reloads_exactly(tmp_path):
+    ours = adapted(["qkv_proj", "o_proj"], init_lora_weights="gaussian")
+    save_adapter(ours, tmp_path / "g")
+    doc = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    assert doc["lora_config"]["init_lora_weights"] == "gaussian"
+    back = load_adapter(tiny_phi3(), tmp_path / "g")
+    assert get_lora_config(back).init_lora_weights == "gaussian"
+    torch.testing.assert_close(logits(back), logits(ours), atol=0, rtol=0)

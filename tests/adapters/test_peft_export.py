@@ -111,3 +111,13 @@ def test_rslora_export_carries_use_rslora_and_loads_in_peft_with_the_same_logits
     assert get_lora_config(back).use_rslora
     assert all(m.scaling == pytest.approx(4.0) for m in lora_modules(back).values())
     torch.testing.assert_close(logits(back), logits(ours), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["gaussian", False])
+def test_export_of_other_inits_loads_in_peft(tmp_path, init):
+    ours = adapted(FUSED, init_lora_weights=init)
+    export_peft(ours, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] == init
+    theirs = peft.PeftModel.from_pretrained(tiny_phi3(), tmp_path / "p").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-4, rtol=0)

@@ -1,6 +1,7 @@
 """The merge protocol and state handling every LoRA layer shares (LoRALayer), on every layer kind."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -177,3 +178,42 @@ def test_rslora_linear_forward_and_merge_against_a_dense_reference():
 def test_use_rslora_must_be_a_bool():
     with pytest.raises(ValueError, match="use_rslora must be True or False, got 'yes'"):
         lora.Linear(4, 4, r=2, use_rslora="yes")
+
+
+# -- init_lora_weights: PEFT's True / "gaussian" / False ------------------------------------------
+LINEAR_KINDS = [
+    lambda **kw: lora.Linear(256, 64, r=8, **kw),
+    lambda **kw: lora.MergedLinear(256, 96, r=8, enable_lora=[True, False, True], **kw),
+    lambda **kw: lora.Conv2d(16, 32, 3, r=8, **kw),
+]
+
+
+@pytest.mark.parametrize("make", LINEAR_KINDS)
+def test_init_lora_weights_gaussian_and_false(make):
+    torch.manual_seed(0)
+    default, gauss, off = make(), make(init_lora_weights="gaussian"), make(init_lora_weights=False)
+    assert torch.count_nonzero(default.lora_B) == 0 and torch.count_nonzero(gauss.lora_B) == 0
+    bound = 1 / math.sqrt(default.lora_A.shape[1])  # kaiming-uniform(a=sqrt(5)) on (r, fan_in)
+    assert default.lora_A.abs().max() <= bound
+    assert abs(gauss.lora_A.std().item() - 1 / 8) < 0.01  # N(0, 1/r^2), r = 8
+    assert gauss.lora_A.abs().max() > bound  # not the kaiming draw
+    assert torch.count_nonzero(off.lora_B) == off.lora_B.numel()  # the adapter is live at once
+    assert off.delta_weight().abs().max() > 0 and default.delta_weight().abs().max() == 0
+
+
+def test_init_lora_weights_on_an_embedding_follows_peft():
+    torch.manual_seed(0)
+    for init in (True, "gaussian"):  # A = 0, B normal: the delta starts at zero
+        e = lora.Embedding(50, 16, r=4, init_lora_weights=init)
+        assert torch.count_nonzero(e.lora_A) == 0 and torch.count_nonzero(e.lora_B) > 0
+    off = lora.Embedding(50, 16, r=4, init_lora_weights=False)
+    assert off.delta_weight().abs().max() > 0
+
+
+@pytest.mark.parametrize("bad", ["pissa", "olora", "Gaussian", 1, None])
+def test_unknown_init_lora_weights_is_named(bad):
+    with pytest.raises(ValueError, match=r"init_lora_weights must be one of True, False, "
+                                         r"'gaussian', got " + re.escape(repr(bad))):
+        lora.Linear(4, 4, r=2, init_lora_weights=bad)
+    with pytest.raises(ValueError, match=r"LoraConfig.init_lora_weights must be one of"):
+        lora.LoraConfig(init_lora_weights=bad)
