@@ -207,6 +207,24 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
     return final
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         path: str | os.PathLike) -> None:
+    """Restore ``optimizer`` from a checkpoint's ``state``, refusing one whose parameter groups
+    differ in number or size (e.g. written with another ``--loraplus-lr-ratio``) with a message
+    that says so, instead of torch's bare one.
+
+    Raises:
+        ValueError: the groups do not match; ``optimizer`` is left untouched.
+    """
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    saved = [len(g["params"]) for g in state.get("param_groups", [])]
+    if have != saved:
+        raise ValueError(f"--resume: {path} holds an optimizer with parameter groups of sizes "
+                         f"{saved}, this run has {have}; resume with the same LoRA targets and "
+                         "the same --loraplus-lr-ratio (on or off) as the run that wrote it")
+    optimizer.load_state_dict(state)
+
+
 def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

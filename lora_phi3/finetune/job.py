@@ -180,7 +180,7 @@ class FinetuneJob:
                                  f"this run has {key}={have!r}; an exact resume needs the same "
                                  "data, seed, global batch size and step count")
         load_adapter(self.model, path)
-        self.optimizer.load_state_dict(st["optimizer"])
+        ckpt.load_optimizer_state(self.optimizer, st["optimizer"], path)
         self.scheduler.load_state_dict(st["scheduler"])
         ckpt.restore_rng_state(st["rng"])
         self.state = TrainState.from_dict(ts)

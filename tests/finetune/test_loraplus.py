@@ -93,6 +93,15 @@ def test_the_ratio_changes_the_run(small_data, tmp_path):
     assert any(not torch.allclose(a[k], b[k], atol=1e-6) for k in a if "lora_B" in k)
 
 
+def test_resuming_with_loraplus_switched_off_is_refused_by_name(small_data, tmp_path):
+    finetune(_recipe(small_data, tmp_path), progress=False, device="cpu")  # checkpoints 1, 2
+    plain = _recipe(small_data, tmp_path)
+    plain.training.loraplus_lr_ratio = None  # one parameter group instead of two
+    with pytest.raises(ValueError, match=r"parameter groups of sizes \[\d+, \d+\], this run has "
+                                         r"\[\d+\]; .*--loraplus-lr-ratio"):
+        finetune(plain, resume=str(tmp_path / "checkpoint-1"), progress=False, device="cpu")
+
+
 def test_the_field_and_the_flag_are_validated():
     assert TrainingConfig().loraplus_lr_ratio is None
     assert TrainingConfig(loraplus_lr_ratio=16).loraplus_lr_ratio == 16.0
