@@ -90,8 +90,10 @@ def exact_match_accuracy(model: nn.Module, tokenizer, conversations: Sequence[Se
     if tasks is not None and len(tasks) != len(conversations):
         raise ValueError(f"tasks must give one label per conversation: {len(tasks)} labels for "
                          f"{len(conversations)} conversations")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    for name, value, optional in (("batch_size", batch_size, False),
+                                  ("max_new_tokens", max_new_tokens, True)):
+        if (value is not None or not optional) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     items = []
     for i, conv in enumerate(conversations):

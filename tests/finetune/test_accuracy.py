@@ -69,6 +69,7 @@ def test_reports_merge_from_samples():
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"tasks": ["a"]}, "one label per conversation: 1 labels for 2 conversations"),
     ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
+    ({"batch_size": None}, "batch_size must be a positive int, got None"),
     ({"max_new_tokens": True}, "max_new_tokens must be a positive int, got True"),
 ])
 def test_bad_arguments_are_named(kwargs, pattern):
