@@ -9,7 +9,7 @@ Writes:
     tokens.
   * ``tiny_phi3_base.safetensors``: the embedded tiny Phi-3, pretrained from scratch as a plain
     language model on the tasks' text in another layout, ``Q:`` / ``A:`` lines each followed by
-    its message (``scripts/pretrain_base.py``, about 15 minutes on one CPU core). Phi-3's chat template,
+    its message (``scripts/pretrain_base.py``, about 35 minutes on one CPU core). Phi-3's chat template,
     system prompts and ending an answer with ``<|end|>`` are left for the LoRA fine-tune to teach,
     so the base answers no held-out chat right and the tuned model most.
 

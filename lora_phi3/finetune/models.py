@@ -40,7 +40,7 @@ DEMO_NOTICE = (
 #: hidden 3072, 32 layers, 32 heads (no GQA), intermediate 8192. The tiny one keeps Phi-3's
 #: structure with grouped-query attention (6 query heads over 2 KV heads, so q and k/v slices of
 #: ``qkv_proj`` differ in size). 4 layers of width 192 are about the smallest that learn the toy
-#: operations (sorting, 2-digit addition) in ~10 CPU minutes of pretraining.
+#: operations (sorting, 2-digit addition) in ~35 CPU minutes of pretraining.
 TINY_PHI3: dict[str, Any] = {
     "hidden_size": 192,
     "intermediate_size": 512,

@@ -185,7 +185,7 @@ PHI3_MINI_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0
                                   "target_modules": list(DEFAULT_TARGETS), "bias": "none"}
 
 #: The embedded demo: LoRA teaches the pretrained tiny Phi-3 the chat format of the bundled toy
-#: tasks, in about 1.5 minutes on 2 CPU cores, with exact match scored at each evaluation.
+#: tasks, in under 1.5 minutes on 2 CPU cores, with exact match scored at each evaluation.
 #: (lr 2e-3 gives the same held-out exact match as 5e-3: docs/finetuning.md.)
 DEMO_TRAINING: dict[str, Any] = {
     **PHI3_MINI_TRAINING,
