@@ -21,7 +21,8 @@ QUANTIZE_METHODS = (None, "nf4")
 
 #: LoRA-variant switches and their defaults (plain LoRA). A file without one of them means the
 #: default.
-VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True}
+VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True,
+                                     "use_dora": False}
 
 
 @dataclass
@@ -50,6 +51,9 @@ class LoraConfig:
         init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r^2),
             B = 0) or ``False`` (B random too: the adapter is not a no-op at the start), as in
             PEFT.
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output
+            row rescales the adapted weight ``W + s B A`` to ``m * (W + s B A) / ||W + s B A||``
+            (PEFT's name). Linear layers, fused slices and NF4 bases; see ``docs/variants.md``.
     """
 
     r: int = 8
@@ -64,6 +68,7 @@ class LoraConfig:
     quantize_base: str | None = None
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -101,6 +106,8 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         check_init_lora_weights(self.init_lora_weights, "LoraConfig.init_lora_weights")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
 
     @property
     def scaling(self) -> float:

@@ -2,7 +2,7 @@
 
 PEFT stores, per adapted module, ``base_model.model.<path>.lora_A.weight`` ``(R, in)`` and
 ``.lora_B.weight`` ``(out, R)`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings) with one
-scaling ``lora_alpha / R``. Our per-slice adapters on a fused projection (``MergedLinear``) export
+scaling ``lora_alpha / R``, and for DoRA ``.lora_magnitude_vector`` ``(out,)``. Our per-slice adapters on a fused projection (``MergedLinear``) export
 exactly: the slices' ``A`` blocks are stacked and each ``B_i`` is placed block-diagonally in a full
 ``(out, r*k)`` matrix whose rows for unadapted slices are zero, so ``B_full @ A_stack`` is the
 fused delta. Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
@@ -91,6 +91,32 @@ def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tens
                      "be exported exactly. Allowed layer types: Linear, MergedLinear, Embedding")
 
 
+def _full_magnitude(layer: LoRALayer) -> torch.Tensor:
+    """A DoRA layer's magnitude over all ``out`` rows, as PEFT holds it: rows no slice adapts get
+    ``||W_i||``, which PEFT's own norm of ``W_i + 0`` divides back to a gain of 1."""
+    m = layer.lora_magnitude.detach()
+    if not isinstance(layer, MergedLinear) or m.shape[0] == layer.out_features:
+        return m
+    base = layer.dense_base_weight()
+    base = base.T if layer.fan_in_fan_out else base  # (out, in)
+    full = torch.linalg.vector_norm(base.float(), dim=1).to(m.dtype)
+    offset = 0
+    for start, size in layer.lora_slices:
+        full[start:start + size] = m[offset:offset + size]
+        offset += size
+    return full
+
+
+def _dora_flag(layers: dict[str, LoRALayer]) -> bool:
+    """PEFT's one ``use_dora`` for the file; a model mixing DoRA and plain layers is refused."""
+    dora = {name for name, layer in layers.items() if getattr(layer, "use_dora", False)}
+    if dora and len(dora) != len(layers):
+        plain = sorted(set(layers) - dora)
+        raise ValueError(f"export_peft: PEFT has one use_dora for a whole adapter, but {len(dora)} "
+                         f"layers use DoRA and {len(plain)} do not (e.g. {plain[0]})")
+    return bool(dora)
+
+
 def _rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
     """PEFT ``rank_pattern`` for modules below ``rank``: by leaf name where that is unambiguous."""
     by_leaf: dict[str, set[int]] = {}
@@ -125,6 +151,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
     if not layers:
         raise ValueError("export_peft: the model holds no LoRA layer with r > 0")
     factors = {name: _full_factors(name, layer) for name, layer in layers.items()}
+    use_dora = _dora_flag(layers)
     rank = max(A.shape[0] for A, _ in factors.values())
     s_ref = next(iter(layers.values())).scaling
     tensors: dict[str, torch.Tensor] = {}
@@ -142,6 +169,8 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
                         else ("lora_A.weight", "lora_B.weight"))
         tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = A
         tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = B
+        if use_dora:  # zero padding and a B folded to s_ref leave every row's norm unchanged
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _full_magnitude(layer)
     # Biases and modules_to_save: PEFT keeps the bias of a wrapped module under ``base_layer``.
     own = adapter_param_keys(model)
     for key, t in adapter_state_dict(model).items():
@@ -185,7 +214,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "r": rank,
         "rank_pattern": rank_pattern, "revision": None, "target_modules": targets, "target_parameters": None,
         "task_type": "CAUSAL_LM" if _is_causal_lm(model) else None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": use_dora,
         "use_qalora": False, "use_rslora": rslora, "velora_config": None,
     }
     return tensors, peft_cfg

@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["import_peft"]
 
 # LoRA variants whose forward differs from plain LoRA: refused on import rather than mis-loaded.
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
                 "kasa_config", "monteclora_config")
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)"
                       r"(?:\.(?P<adapter>[^.]+))?$")
 
@@ -62,7 +63,7 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
                 re.compile(key)
             except re.error as e:
                 raise ValueError(f"{where}: {field} key {key!r} is not a valid regex ({e})") from None
-    for field in ("use_rslora", "fan_in_fan_out"):
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if cfg.get(field) is not None and not isinstance(cfg[field], bool):
             raise ValueError(f"{where}: {field} must be a bool, got {cfg[field]!r}")
     dropout = cfg.get("lora_dropout")
@@ -97,15 +98,23 @@ def _peft_scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def _group_keys(tensors: dict[str, torch.Tensor], where: str):
-    """Split PEFT keys into ``{module: {"A", "B", "embedding"}}`` and other model keys."""
+def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
+    """Split PEFT keys into ``{module: {"A", "B", "M" (DoRA), "embedding"}}`` and other model keys."""
     modules: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
     adapters: set[str] = set()
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(PEFT_PREFIX)
-        if "lora_magnitude_vector" in k:
-            raise ValueError(f"{where}: {key} is a DoRA magnitude; DoRA is not supported")
+        mag = _MAG_KEY.match(k)
+        if mag:
+            if not use_dora:
+                raise ValueError(f"{where}: {key} is a DoRA magnitude but the config has "
+                                 "use_dora false")
+            if mag["adapter"]:
+                adapters.add(mag["adapter"])
+            magnitudes[mag["mod"]] = t
+            continue
         m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
         if m:
             if m["adapter"]:
@@ -121,6 +130,18 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str):
     for name, entry in modules.items():
         if "A" not in entry or "B" not in entry:
             raise ValueError(f"{where}: module {name} has only lora_{'A' if 'A' in entry else 'B'}")
+    stray = sorted(set(magnitudes) - set(modules))
+    if stray:
+        raise ValueError(f"{where}: DoRA magnitudes for modules without lora_A/lora_B: {stray}")
+    for name, entry in modules.items():
+        if use_dora:
+            if name not in magnitudes:
+                raise ValueError(f"{where}: use_dora is true but module {name} has no "
+                                 "lora_magnitude_vector")
+            if entry["embedding"]:
+                raise ValueError(f"{where}: module {name} is a DoRA embedding; DoRA loads into "
+                                 "linear layers only")
+            entry["M"] = magnitudes[name]
     return modules, extras
 
 
@@ -183,6 +204,40 @@ def _fit(name: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, s_peft: 
     return (torch.cat(As).to(layer.lora_A.dtype), torch.cat(Bs).to(layer.lora_B.dtype))
 
 
+def _base_rows(module: nn.Module) -> torch.Tensor:
+    """A (real, not previewed) module's frozen weight as dense ``(out, in)``."""
+    if isinstance(module, LoRALayer):
+        w = module.dense_base_weight()
+        return w.T if getattr(module, "fan_in_fan_out", False) else w
+    return module.weight.T if is_hf_conv1d(module) else module.weight
+
+
+def _rescaled_rows(M: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Rows where a DoRA magnitude ``M`` differs from ``||W_i||`` (a gain other than 1)."""
+    norm = torch.linalg.vector_norm(weight.detach().float(), dim=1)
+    return (M.float() - norm).abs() > 1e-5 * norm.clamp_min(1e-12)
+
+
+def _fit_magnitude(name: str, layer: LoRALayer, M: torch.Tensor, weight: torch.Tensor,
+                   problems: list[str]) -> torch.Tensor | None:
+    """PEFT's ``(out,)`` DoRA magnitude as the layer's ``(sum of slice sizes,)``, or report why not:
+    rows the layer does not adapt must keep gain 1 (``M_i = ||W_i||``), as our export writes."""
+    out = weight.shape[0]
+    if M.dim() != 1 or M.shape[0] != out:
+        problems.append(f"shape mismatch for {name}.lora_magnitude_vector: file {tuple(M.shape)}, "
+                        f"model needs ({out},)")
+        return None
+    slices = layer.lora_slices
+    covered = torch.zeros(out, dtype=torch.bool)
+    for start, size in slices:
+        covered[start:start + size] = True
+    if (_rescaled_rows(M, weight) & ~covered).any():
+        problems.append(f"{name}: the file's DoRA magnitude rescales output rows the model's "
+                        f"MergedLinear does not adapt (enable_lora={getattr(layer, 'enable_lora', None)})")
+        return None
+    return torch.cat([M[start:start + size] for start, size in slices]).to(layer.lora_magnitude.dtype)
+
+
 def _nonzero_cols(B: torch.Tensor) -> int:
     return int((B != 0).any(0).sum())
 
@@ -196,6 +251,7 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
     is the most non-zero ``B`` columns any slice needs (PEFT's rank if ``B`` is all zero).
     """
     slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
+    named = dict(model.named_modules())
     candidates: dict[str, set[str]] = {}
     for n, m in model.named_modules():
         if n and peft_targetable(m):
@@ -213,7 +269,11 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
             continue
         offsets = [sum(fused.split_sizes[:i]) for i in range(len(fused.split_sizes))]
         parts = [B[o:o + s] for o, s in zip(offsets, fused.split_sizes)]
-        live = [i for i, part in enumerate(parts) if (part != 0).any()] or list(range(len(parts)))
+        rescaled = _rescaled_rows(modules[name]["M"], _base_rows(named[name])) \
+            if "M" in modules[name] else torch.zeros(B.shape[0], dtype=torch.bool)
+        live = [i for i, part in enumerate(parts)
+                if (part != 0).any() or rescaled[offsets[i]:offsets[i] + fused.split_sizes[i]].any()] \
+            or list(range(len(parts)))
         prefix = name[: len(name) - len(name.rpartition(".")[2])]
         chosen += [name] if len(live) == len(parts) else [prefix + fused.slice_names[i] for i in live]
         rank = max([rank] + [_nonzero_cols(parts[i]) for i in live])
@@ -223,7 +283,7 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
     to_save = cfg.get("modules_to_save") or None
     rslora = bool(cfg.get("use_rslora"))  # kept, so a re-export is rsLoRA again
     return LoraConfig(r=rank, lora_alpha=json_number(s_ref * (math.sqrt(rank) if rslora else rank)),
-                      use_rslora=rslora,
+                      use_rslora=rslora, use_dora=bool(cfg.get("use_dora")),
                       lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                       target_modules=compress_targets(chosen, candidates),
                       bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,
@@ -269,7 +329,7 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     bad = non_float_keys(tensors)
     if bad:
         raise ValueError(f"{where}: non-floating tensors {bad}")
-    modules, extras = _group_keys(tensors, where)
+    modules, extras = _group_keys(tensors, where, bool(cfg.get("use_dora")))
     if not modules:
         raise ValueError(f"{where} holds no lora_A/lora_B tensors")
     problems = []
@@ -305,6 +365,7 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
         target = injected_preview(model, derived)  # validate against a weightless copy
 
     layers, problems, to_load = lora_layers(target), [], {}
+    real = dict(model.named_modules())  # the preview is weightless: norms read the real bases
     unexpected = sorted(set(modules) - set(layers))
     missing = sorted(set(layers) - set(modules))
     if unexpected:
@@ -316,6 +377,14 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
         fitted = _fit(name, layers[name], A, B, _peft_scaling(cfg, name, A.shape[0]), problems)
         if fitted is not None:
             to_load[f"{name}.lora_A"], to_load[f"{name}.lora_B"] = fitted
+        M, layer_dora = modules[name].get("M"), getattr(layers[name], "use_dora", False)
+        if layer_dora != (M is not None):
+            problems.append(f"{name}: the file is {'' if M is not None else 'not '}DoRA but the "
+                            f"model's layer has use_dora={layer_dora}")
+        elif M is not None:
+            m = _fit_magnitude(name, layers[name], M, _base_rows(real[name]), problems)
+            if m is not None:
+                to_load[f"{name}.lora_magnitude"] = m
     expected_extras = set(adapter_state_dict(target)) - adapter_param_keys(target)
     if strict and expected_extras - set(extras):
         problems.append(f"missing keys {sorted(expected_extras - set(extras))}")

@@ -73,7 +73,8 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     common: dict[str, Any] = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
                                   lora_dtype=torch.float32 if half else None,
                                   use_rslora=config.use_rslora,
-                                  init_lora_weights=config.init_lora_weights)
+                                  init_lora_weights=config.init_lora_weights,
+                                  use_dora=config.use_dora)
     new: LoRALayer
     if config.quantize_base is not None:
         build = quantized_factory(config)

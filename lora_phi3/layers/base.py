@@ -62,6 +62,8 @@ class LoRALayer(nn.Module):
         scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), computed once
             here.
         use_rslora: rank-stabilised scaling (rsLoRA).
+        use_dora: weight-decomposed LoRA (DoRA, see :mod:`~lora_phi3.layers.dora`): the layer
+            also holds ``lora_magnitude``.
         lora_dropout: ``nn.Dropout`` (or ``nn.Identity`` for p=0) applied to the adapter's input.
             A module, not a lambda, so layers pickle and deepcopy.
         merged: True while ``delta_weight()`` is folded into ``weight``.
@@ -72,11 +74,21 @@ class LoRALayer(nn.Module):
     r: int
     weight: torch.Tensor | None
 
+    #: True for the layer kinds that implement DoRA (``use_dora=True``).
+    supports_dora: bool = False
+
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
-                   use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+                   use_rslora: bool = False, init_lora_weights: bool | str = True,
+                   use_dora: bool = False) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+        if use_dora and not self.supports_dora:
+            raise ValueError(f"use_dora=True is not supported by {type(self).__name__}; DoRA is "
+                             "implemented for Linear and MergedLinear (dense or NF4 base)")
+        self.use_dora = use_dora
         check_init_lora_weights(init_lora_weights, "init_lora_weights")
         self.init_lora_weights = init_lora_weights
         self.r = r
@@ -126,7 +138,7 @@ class LoRALayer(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     # -- which parameters are the adapter's: the one answer, asked of the layer -------------------
-    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude")
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """This layer's own adapter parameters by attribute name (empty for ``r == 0``).
@@ -198,14 +210,18 @@ class LoRALayer(nn.Module):
         # (it happens when W + delta moves to a coarser binade), the original values are kept
         # aside as a sparse (indices, values) pair, so unmerge restores the weight bit for bit
         # however many eval/train cycles run (loralib drifts by ~4e-3 over 50 in bf16).
-        round_trip = (merged.to(delta.dtype) - delta).to(self.weight.dtype)
+        round_trip = self._unmerged_from(merged, delta).to(self.weight.dtype)
         lost = (round_trip != self.weight).flatten().nonzero().squeeze(1)
         self._unmerge_fix = (lost, self.weight.flatten()[lost].clone())
         self.weight.copy_(merged)
 
+    def _unmerged_from(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`merged_weight`, in ``delta``'s dtype: ``merged - delta``."""
+        return merged.to(delta.dtype) - delta
+
     def _restore_unmerged(self) -> None:
         delta = self.delta_weight()
-        restored = (self.weight.to(delta.dtype) - delta).to(self.weight.dtype)
+        restored = self._unmerged_from(self.weight, delta).to(self.weight.dtype)
         lost, values = getattr(self, "_unmerge_fix", (None, None))
         if lost is not None and lost.numel():
             restored.view(-1)[lost.to(restored.device)] = values.to(restored.device)

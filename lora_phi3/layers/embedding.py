@@ -25,16 +25,16 @@ class Embedding(LoRALayer, nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
                  use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, use_dora: bool = False, **kwargs: Any) -> None:
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         self.reset_parameters()  # loralib's order: table (again), then the adapter
 
     def _setup(self, r, lora_alpha, merge_weights, lora_dtype, use_rslora=False,
-    init_lora_weights=True) -> None:
+    init_lora_weights=True, use_dora=False) -> None:
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora,
-                        init_lora_weights)
+                        init_lora_weights, use_dora)
         if r > 0:
             dtype, device = lora_dtype or self.weight.dtype, self.weight.device
             self.lora_A = new_lora_param((r, self.num_embeddings), dtype, device)
@@ -45,7 +45,7 @@ class Embedding(LoRALayer, nn.Embedding):
     def from_embedding(cls, embedding: nn.Embedding, r: int = 0, lora_alpha: float = 1,
                        merge_weights: bool = True, lora_dtype: torch.dtype | None = None,
                        use_rslora: bool = False,
-                       init_lora_weights: bool | str = True) -> "Embedding":
+                       init_lora_weights: bool | str = True, use_dora: bool = False) -> "Embedding":
         """Wrap an existing ``nn.Embedding``, sharing (not copying) its table."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -54,7 +54,7 @@ class Embedding(LoRALayer, nn.Embedding):
             setattr(self, name, getattr(embedding, name))
         self.weight = embedding.weight
         self._setup(r, lora_alpha, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         if r > 0:
             self.reset_lora_parameters()
         return self

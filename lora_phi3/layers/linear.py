@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .base import LoRALayer, new_lora_param
+from .dora import dora_norm, dora_rescale, weight_row_sq
 from .lora_function import apply_lora_linear, base_linear
 from .slices import LoraSlice, iter_slices
 
@@ -31,6 +32,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
 
     fan_in_fan_out: bool
     lora_slices: tuple[tuple[int, int], ...]  # (start, size) of each adapted output slice
+    supports_dora = True
 
     @property
     def quantized_weight(self) -> nn.Module | None:
@@ -88,13 +90,20 @@ class _LinearLoRA(LoRALayer, nn.Linear):
             dtype, device = self.quantized_weight.compute_dtype, self.quantized_weight.device
         self.lora_A = new_lora_param((r * n_slices, self.in_features), lora_dtype or dtype, device)
         self.lora_B = new_lora_param((b_rows, r), lora_dtype or dtype, device)
+        if self.use_dora:  # DoRA's magnitude: one value per adapted output row, in B's row order
+            self.lora_magnitude = new_lora_param((b_rows,), lora_dtype or dtype, device)
 
     def _finish_init(self, fan_in_fan_out: bool) -> None:
         # loralib's order: reset everything once more (base weight, bias, then A), then transpose,
         # so the same seed gives loralib's initial weights (the fan-in is read in (out, in) layout).
+        # DoRA's magnitude is read off the final weight, so it waits for the transpose.
+        self._defer_magnitude = True
         self.reset_parameters()
         if fan_in_fan_out:  # stored (in, out), as GPT-2's Conv1D and loralib keep it
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+        del self._defer_magnitude
+        if self.use_dora and self.r > 0:
+            self.reset_dora_magnitude()
 
     # -- the base ----------------------------------------------------------------------------------
     def _frozen_base(self):
@@ -133,6 +142,8 @@ class _LinearLoRA(LoRALayer, nn.Linear):
             self.quantized_weight.load_dense(weight.T if self.fan_in_fan_out else weight)
 
     def _store_merged(self, merged: torch.Tensor, delta: torch.Tensor) -> None:
+        if getattr(self, "use_dora", False):  # the gain merge applied, for the exact unmerge
+            self._dora_merged_gain = self._dora_row_gain(delta.dtype)
         if self.weight is not None:
             return super()._store_merged(merged, delta)
         # A quantized base is never rounded into (that would round the update away): the dense
@@ -141,8 +152,74 @@ class _LinearLoRA(LoRALayer, nn.Linear):
 
     def _restore_unmerged(self) -> None:
         if self.quantized_weight is None:
-            return super()._restore_unmerged()
-        self.weight = None
+            super()._restore_unmerged()
+        else:
+            self.weight = None
+        self._dora_merged_gain = None
+
+    # -- DoRA --------------------------------------------------------------------------------------
+    def reset_lora_parameters(self) -> None:
+        super().reset_lora_parameters()
+        if getattr(self, "use_dora", False) and not getattr(self, "_defer_magnitude", False):
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """``m = ||W + s B A||`` per adapted row (section 4.1 of the DoRA paper): the layer's
+        function is then exactly the LoRA function it had before, since the gain is ``m / m``."""
+        self.lora_magnitude.copy_(self._dora_norm())
+
+    def _base_row_sq(self) -> torch.Tensor:
+        """``||W_i||^2`` of the frozen base per output row, fp32 ``(out,)``, cached until the base
+        changes (a new tensor, an in-place write, or new quantized storage)."""
+        base = self._frozen_base()
+        storage = base if isinstance(base, torch.Tensor) else base._buffers["codes"]
+        key = (storage.data_ptr(), storage._version, storage.device)
+        cached = self.__dict__.get("_row_sq_cache")
+        if cached is None or cached[0] != key:
+            dense = base if isinstance(base, torch.Tensor) else base.dequantize()
+            cached = (key, weight_row_sq(dense))
+            self.__dict__["_row_sq_cache"] = cached
+        return cached[1]
+
+    def _dora_norm(self) -> torch.Tensor:
+        """``||W_i + s B_i A||`` per adapted row, detached, fp32 (see :func:`~.dora.dora_norm`)."""
+        return dora_norm(self._frozen_base(), self._base_row_sq(), self.lora_A, self.lora_B,
+                         self.scaling, self.lora_slices)
+
+    def dora_gain(self) -> torch.Tensor:
+        """``m / ||W + s B A||`` per adapted row ``(sum of slice sizes,)``; differentiable in ``m``."""
+        return self.lora_magnitude / self._dora_norm().to(self.lora_magnitude.dtype)
+
+    @torch.no_grad()
+    def _dora_row_gain(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gain of every output row ``(out,)``: 1 exactly for rows no slice adapts."""
+        gain = self.dora_gain().to(dtype)
+        full = torch.ones(self.out_features, dtype=dtype, device=gain.device)
+        offset = 0
+        for start, size in self.lora_slices:
+            full[start:start + size] = gain[offset:offset + size]
+            offset += size
+        return full
+
+    def _gain_in_layout(self, gain: torch.Tensor) -> torch.Tensor:
+        return gain[None, :] if self.fan_in_fan_out else gain[:, None]
+
+    @torch.no_grad()
+    def merged_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """``W + delta``; with DoRA, ``gain * (W + delta)`` per output row (rows no slice adapts
+        keep ``W`` bit for bit)."""
+        if not getattr(self, "use_dora", False) or self.r == 0:
+            return super().merged_weight(delta)
+        base = self.dense_base_weight()
+        delta = self.delta_weight() if delta is None else delta
+        gain = self._gain_in_layout(self._dora_row_gain(delta.dtype))
+        return ((base.to(delta.dtype) + delta) * gain).to(base.dtype)
+
+    def _unmerged_from(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "use_dora", False):
+            return super()._unmerged_from(merged, delta)
+        return merged.to(delta.dtype) / self._gain_in_layout(self._dora_merged_gain) - delta
 
     # -- LoRA ----------------------------------------------------------------------------------
     def iter_slices(self) -> Iterator[LoraSlice]:
@@ -164,8 +241,11 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         base = self._frozen_base()
         if not self.lora_active:
             return base_linear(x, base, self.bias)
-        return apply_lora_linear(x, base, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                 self.lora_dropout, self.lora_slices)
+        out = apply_lora_linear(x, base, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                self.lora_dropout, self.lora_slices)
+        if getattr(self, "use_dora", False):
+            return dora_rescale(out, self.dora_gain(), self.bias, self.lora_slices)
+        return out
 
 
 class Linear(_LinearLoRA):
@@ -189,18 +269,18 @@ class Linear(_LinearLoRA):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, use_dora: bool = False, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                fan_in_fan_out: bool = False, merge_weights: bool = True,
                lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-               init_lora_weights: bool | str = True) -> None:
+               init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
-                        init_lora_weights)
+                        init_lora_weights, use_dora)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_slices = ((0, self.out_features),)
         if r > 0:
@@ -210,7 +290,7 @@ class Linear(_LinearLoRA):
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     fan_in_fan_out: bool = False, merge_weights: bool = True,
                     lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                    init_lora_weights: bool | str = True) -> "Linear":
+                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "Linear":
         """Wrap an existing linear-like module, sharing (not copying) its ``weight`` and ``bias``.
 
         ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
@@ -218,7 +298,7 @@ class Linear(_LinearLoRA):
         """
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         if r > 0:
             self.reset_lora_parameters()
         return self
@@ -244,20 +324,20 @@ class MergedLinear(_LinearLoRA):
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
                  use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, use_dora: bool = False, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-               init_lora_weights: bool | str = True) -> None:
+               init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
-                        init_lora_weights)
+                        init_lora_weights, use_dora)
         self.fan_in_fan_out = fan_in_fan_out
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora:
@@ -291,12 +371,12 @@ class MergedLinear(_LinearLoRA):
                     merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                     lora_dtype: torch.dtype | None = None,
                     use_rslora: bool = False,
-                    init_lora_weights: bool | str = True) -> "MergedLinear":
+                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "MergedLinear":
         """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, use_dora)
         if self.r > 0:
             self.reset_lora_parameters()
         return self

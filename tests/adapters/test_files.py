@@ -88,8 +88,9 @@ def test_file_holds_only_lora_tensors_as_safetensors(tmp_path):
     assert doc["sha256"] == hashlib.sha256(data).hexdigest() and doc["num_bytes"] == len(data)
     assert doc["lora_config"] == get_lora_config(model).to_file_dict()
     # plain LoRA files are as before the variants: their switches are left out at the defaults
-    assert "use_rslora" not in doc["lora_config"] and "init_lora_weights" not in doc["lora_config"]
-    assert {**doc["lora_config"], "use_rslora": False, "init_lora_weights": True} == \
+    assert not {"use_rslora", "init_lora_weights", "use_dora"} & set(doc["lora_config"])
+    assert {**doc["lora_config"], "use_rslora": False, "init_lora_weights": True,
+            "use_dora": False} == \
         get_lora_config(model).to_dict()
     qkv = doc["modules"]["model.layers.0.self_attn.qkv_proj"]
     assert qkv["type"] == "MergedLinear" and qkv["split_sizes"] == [64, 16, 16]

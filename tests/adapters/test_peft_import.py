@@ -139,7 +139,10 @@ def _edit_config(path, **changes):
 
 
 @pytest.mark.parametrize("edit, bare, message", [
-    (lambda p: _edit_config(p, use_dora=True), True, r"use_dora=True is a LoRA variant"),
+    (lambda p: _edit_config(p, lora_bias=True), True, r"lora_bias=True is a LoRA variant"),
+    (lambda p: _edit_config(p, use_dora=True), True,
+     r"use_dora is true but module .* has no lora_magnitude_vector"),
+    (lambda p: _edit_config(p, use_dora="yes"), True, r"use_dora must be a bool, got 'yes'"),
     (lambda p: _edit_config(p, peft_type="IA3"), True, r"peft_type is 'IA3'; only 'LORA'"),
     (lambda p: _edit_config(p, alpha_pattern=[1]), True,
      r"alpha_pattern must be an object \{module regex: positive number\} or null, got \[1\]"),
