@@ -28,6 +28,7 @@ from ..atomic import atomic_write_dir
 from ..config import LoraConfig
 from ..inject.injector import get_lora_config, inject_lora
 from ..layers import lora_layers
+from .conversion import convert_for_original_base, split_for_data_init
 from .schema import (ADAPTER_CONFIG_FILE, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION,
                      ADAPTER_TENSOR_FILE, check_adapter_json)
 from .state import adapter_state_dict, injected_preview, is_bare, module_meta, to_saveable
@@ -55,24 +56,31 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     if not layers:
         raise ValueError("save_adapter: the model holds no LoRA layer with r > 0; "
                          "call inject_lora(model, config) first")
-    tensors = to_saveable(adapter_state_dict(model))
-    blob = st_save(tensors, metadata={"format": "pt", "lora_phi3_format": ADAPTER_FORMAT})
+    tensors = adapter_state_dict(model)
     config = get_lora_config(model)
+    lora_config = config.to_file_dict() if config is not None else None
+    modules = {name: module_meta(m) for name, m in layers.items()}
+    # PiSSA/OLoRA: written for the original base weights (rank 2r), never for the residual
+    conversion = convert_for_original_base(model, tensors, modules, lora_config)
+    tensors = to_saveable(tensors)
+    blob = st_save(tensors, metadata={"format": "pt", "lora_phi3_format": ADAPTER_FORMAT})
     model_cfg = getattr(model, "config", None)
     doc = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
-        "lora_config": config.to_file_dict() if config is not None else None,
+        "lora_config": lora_config,
         "base_model": {"model_type": getattr(model_cfg, "model_type", None),
                        "name_or_path": getattr(model_cfg, "_name_or_path", None) or None,
                        "class": type(model).__name__},
-        "modules": {name: module_meta(m) for name, m in layers.items()},
+        "modules": modules,
         "tensor_file": ADAPTER_TENSOR_FILE,
         "tensors": {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)}
                     for k, v in tensors.items()},
         "num_bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
     }
+    if conversion is not None:
+        doc["init_conversion"] = conversion
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     out = atomic_write_dir(path, [(ADAPTER_TENSOR_FILE, blob),
                                   (ADAPTER_CONFIG_FILE, text.encode("utf-8"))])
@@ -152,6 +160,7 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     """
     doc, tensors = read_adapter(path)
     where = f"adapter {str(path)!r}"
+    split_for_data_init(model, doc, tensors, where)  # a PiSSA run reading its own save back
     saved_cfg = doc["lora_config"]
     target, config = model, None
     if is_bare(model):

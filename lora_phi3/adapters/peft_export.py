@@ -30,6 +30,8 @@ from ..atomic import atomic_write_dir
 from ..inject.injector import get_lora_config
 from ..inject.matching import is_hf_conv1d, under_any
 from ..layers import Embedding, Linear, LoRALayer, MergedLinear, lora_layers
+from ..layers.base import is_data_init
+from ..layers.slices import iter_slices
 from .state import adapter_param_keys, adapter_state_dict, to_saveable
 
 logger = logging.getLogger(__name__)
@@ -78,12 +80,16 @@ def _dropout_p(layer: LoRALayer) -> float:
 
 
 def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's update as one PEFT pair ``A (rank, in)``, ``B (out, rank)``; exact."""
-    if isinstance(layer, MergedLinear):
-        B = layer.lora_B.new_zeros(layer.out_features, layer.lora_A.shape[0])
-        for s in layer.iter_slices():  # block-diagonal: a slice's rows see only its own A_i
-            B[s.out_rows, s.a_rows] = layer.lora_B[s.b_rows]
-        return layer.lora_A.detach(), B.detach()
+    """The layer's update as one PEFT pair ``A (rank, in)``, ``B (out, rank)``; exact. A PiSSA/OLoRA
+    layer gives its rank-2r update for the original base (``original_base_factors``)."""
+    if isinstance(layer, (Linear, MergedLinear)):
+        A, B_stacked, r, _ = layer.original_base_factors()
+        if not isinstance(layer, MergedLinear):
+            return A, B_stacked
+        B = B_stacked.new_zeros(layer.out_features, A.shape[0])
+        for s in iter_slices(layer.lora_slices, r):  # block-diagonal: a slice sees only its A_i
+            B[s.out_rows, s.a_rows] = B_stacked[s.b_rows]
+        return A, B
     if isinstance(layer, (Linear, Embedding)):
         return layer.lora_A.detach(), layer.lora_B.detach()
     raise ValueError(f"export_peft: {name} is a LoRA {type(layer).__name__}; PEFT factorises "
@@ -203,7 +209,9 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "exclude_modules": None,
         "fan_in_fan_out": any(getattr(l, "fan_in_fan_out", False) for l in layers.values()),
         "inference_mode": True, "kasa_config": None,
-        "init_lora_weights": config.init_lora_weights if config is not None else True,
+        # a PiSSA/OLoRA adapter is exported converted: a plain init on the original base
+        "init_lora_weights": config.init_lora_weights if config is not None
+        and not is_data_init(config.init_lora_weights) else True,
         "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
         "loftq_config": {}, "lora_alpha": json_number(s_ref * denom(rank)), "lora_bias": False,
         "lora_dropout": config.lora_dropout if config is not None

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from ..config import LoraConfig
+from ..layers.base import check_init_lora_weights, is_data_init
 
 __all__ = ["ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "ADAPTER_TENSOR_FILE", "ADAPTER_CONFIG_FILE",
            "DTYPE_NAMES", "MODULE_FIELDS", "check_adapter_json", "is_int", "is_number",
@@ -111,7 +112,7 @@ def check_adapter_json(doc: Any, where: str) -> LoraConfig | None:
                          f"reads versions 1..{ADAPTER_FORMAT_VERSION}")
     allowed = {"format", "format_version", "lora_config", "base_model", "modules", "tensor_file",
                "tensors", "num_bytes", "sha256"}
-    unknown = sorted(set(doc) - allowed)
+    unknown = sorted(set(doc) - allowed - {"init_conversion"})  # the one optional field
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown} for format_version {version}; "
                          f"allowed: {sorted(allowed)}")
@@ -129,6 +130,23 @@ def check_adapter_json(doc: Any, where: str) -> LoraConfig | None:
         if value is not None and not isinstance(value, str):
             raise _refuse(where, f"base_model.{key}", value, "a string or null")
 
+    if "init_conversion" in doc:  # a PiSSA/OLoRA adapter converted for the original base
+        conv = _object(where, "init_conversion", doc["init_conversion"],
+                       "an object {init_lora_weights, r, lora_alpha}")
+        if set(conv) != {"init_lora_weights", "r", "lora_alpha"}:
+            raise _refuse(where, "init_conversion fields", sorted(conv),
+                          "exactly ['init_lora_weights', 'lora_alpha', 'r']")
+        if not is_data_init(conv["init_lora_weights"]):
+            raise _refuse(where, "init_conversion.init_lora_weights", conv["init_lora_weights"],
+                          "'pissa', 'pissa_niter_K' or 'olora'")
+        try:
+            check_init_lora_weights(conv["init_lora_weights"], "init_conversion.init_lora_weights")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not is_int(conv["r"], 1):
+            raise _refuse(where, "init_conversion.r", conv["r"], "an int >= 1")
+        if not is_positive_number(conv["lora_alpha"]):
+            raise _refuse(where, "init_conversion.lora_alpha", conv["lora_alpha"], "a number > 0")
     tensors = _object(where, "tensors", doc["tensors"], "an object {key: {shape, dtype}}")
     for key, info in tensors.items():
         path = f"tensors[{key!r}]"

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..layers.base import is_data_init
 from ..quant import qlora
 from .matching import SliceSpec, is_hf_conv1d
 
@@ -79,25 +80,25 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     if config.quantize_base is not None:
         build = quantized_factory(config)
         slices = slice_spec._asdict() if slice_spec is not None else {}
+        dense = None
+        if is_data_init(config.init_lora_weights):
+            # PiSSA/OLoRA over a quantized base (QPiSSA): factorise the full-precision weight,
+            # which becomes the residual, and quantise only that residual.
+            dense = _dense_linear_lora(module, config, slice_spec, {**common, "use_dora": False})
+            common["init_lora_weights"] = True
         new = build(module, name, fan_in_fan_out=is_hf_conv1d(module),
                     lora_dropout=config.lora_dropout, **slices, **common)
+        if dense is not None:
+            new.adopt_data_init(dense)
     elif isinstance(module, nn.Embedding):
         new = Embedding.from_embedding(module, **common)
     elif isinstance(module, tuple(_CONV_LORA)):
         conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
         new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
     else:
-        fan_in_fan_out = is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
-        if config.fan_in_fan_out and not fan_in_fan_out:
+        if config.fan_in_fan_out and not is_hf_conv1d(module):
             logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
-        if slice_spec is not None:
-            new = MergedLinear.from_linear(module, lora_dropout=config.lora_dropout,
-                                           enable_lora=slice_spec.enable_lora,
-                                           split_sizes=slice_spec.split_sizes,
-                                           fan_in_fan_out=fan_in_fan_out, **common)
-        else:
-            new = Linear.from_linear(module, lora_dropout=config.lora_dropout,
-                                     fan_in_fan_out=fan_in_fan_out, **common)
+        new = _dense_linear_lora(module, config, slice_spec, common)
     # Keep the original module (minus its parameters, which now live in the LoRA layer, or were
     # quantized and freed) so merge_and_unload returns the very class it replaced, hooks and
     # attributes included.
@@ -106,6 +107,19 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     new.__dict__[BASE_ATTR] = module
     new.train(module.training)
     return new
+
+
+def _dense_linear_lora(module: nn.Module, config: LoraConfig, slice_spec: SliceSpec | None,
+                       common: dict[str, Any]) -> LoRALayer:
+    """``Linear`` (or ``MergedLinear`` for a fused slice spec) sharing ``module``'s weight."""
+    fan_in_fan_out = is_hf_conv1d(module)  # the module type decides; nn.Linear is (out, in)
+    if slice_spec is not None:
+        return MergedLinear.from_linear(module, lora_dropout=config.lora_dropout,
+                                        enable_lora=slice_spec.enable_lora,
+                                        split_sizes=slice_spec.split_sizes,
+                                        fan_in_fan_out=fan_in_fan_out, **common)
+    return Linear.from_linear(module, lora_dropout=config.lora_dropout,
+                              fan_in_fan_out=fan_in_fan_out, **common)
 
 
 def plain_module(layer: LoRALayer) -> nn.Module:

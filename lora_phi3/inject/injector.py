@@ -22,8 +22,9 @@ import torch.nn as nn
 from . import phi3
 from ..config import LoraConfig
 from ..layers import LoRALayer, enable_input_recompute, lora_layers
+from ..layers.base import is_data_init
 from .factory import make_lora_module, plain_module, quantized_check, quantized_factory
-from .matching import SliceSpec, adaptable_names, plan_targets, saved_module_names
+from .matching import SliceSpec, adaptable_names, is_hf_conv1d, plan_targets, saved_module_names
 from ..utils import mark_only_lora_as_trainable
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
     if check is not None:
         for name in plan:  # every refusal happens here, before the first replacement
             check(model.get_submodule(name), name)
+    if is_data_init(config.init_lora_weights):
+        _check_data_init_rank(model, config, plan)
     to_save = saved_module_names(model, config, plan)
     paths = _paths(model)
     for name, spec in plan.items():
@@ -180,6 +183,25 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
     logger.info("inject_lora: adapted %d modules; %d of %d parameters trainable (%.3f%%)",
                 len(plan), trainable, total, 100.0 * trainable / max(total, 1))
     return model
+
+
+def _check_data_init_rank(model: nn.Module, config: LoraConfig, plan: dict) -> None:
+    """PiSSA/OLoRA take ``r`` singular vectors (QR columns) of each adapted slice: refuse, before
+    any base is rewritten into a residual, a slice narrower than ``r`` or a non-linear target."""
+    for name, spec in plan.items():
+        module = model.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or weight is None \
+                or weight.dim() != 2:
+            raise ValueError(f"LoraConfig.init_lora_weights={config.init_lora_weights!r} is "
+                             f"implemented for linear layers; {name} is {type(module).__name__}")
+        out_f, in_f = (weight.shape[::-1] if is_hf_conv1d(module) else weight.shape)
+        sizes = [n for n, e in zip(spec.split_sizes, spec.enable_lora) if e] \
+            if spec is not None else [out_f]
+        if config.r > min(min(sizes), in_f):
+            raise ValueError(f"LoraConfig.r={config.r} is larger than {name}'s smallest adapted "
+                             f"slice ({min(sizes)} x {in_f}); {config.init_lora_weights!r} needs "
+                             f"r <= {min(min(sizes), in_f)}")
 
 
 def get_lora_config(model: nn.Module) -> LoraConfig | None:

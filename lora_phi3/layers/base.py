@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .data_init import parse_init_lora_weights
+
 __all__ = ["LoRALayer", "lora_layers", "check_lora_args", "new_lora_param"]
 
 
@@ -32,17 +34,30 @@ def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
 
 
-#: ``init_lora_weights`` values the layers implement (PEFT's names). PEFT's data-driven ones
-#: (``"pissa"``, ``"olora"``, ``"loftq"``, ...) are not implemented yet.
+#: ``init_lora_weights`` values every layer implements (PEFT's names). Linear layers also take
+#: the data-driven ``"pissa"``, ``"pissa_niter_K"`` and ``"olora"`` (see :mod:`.data_init`).
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
 
 
+def is_data_init(value: object) -> bool:
+    """True for a data-driven ``init_lora_weights`` (a string other than ``"gaussian"``)."""
+    return isinstance(value, str) and value != "gaussian"
+
+
 def check_init_lora_weights(value: object, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` unless ``value`` is one of :data:`INIT_LORA_WEIGHTS`."""
-    if not any(value is v or (isinstance(v, str) and value == v) for v in INIT_LORA_WEIGHTS):
-        raise ValueError(f"{where} must be one of True, False, 'gaussian', got {value!r} (PEFT's "
-                         "data-driven initialisations such as 'pissa' and 'olora' are not "
-                         "implemented in lora_phi3 yet)")
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is an ``init_lora_weights`` this
+    library implements: True, False, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``."""
+    if any(value is v or (isinstance(v, str) and value == v) for v in INIT_LORA_WEIGHTS):
+        return
+    if isinstance(value, str):
+        try:
+            parse_init_lora_weights(value)
+            return
+        except ValueError:
+            pass
+    raise ValueError(f"{where} must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_K' "
+                     f"(K a positive int) or 'olora', got {value!r} (PEFT's other data-driven "
+                     "initialisations such as 'loftq', 'eva' and 'corda' are not implemented)")
 
 
 def new_lora_param(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -76,6 +91,8 @@ class LoRALayer(nn.Module):
 
     #: True for the layer kinds that implement DoRA (``use_dora=True``).
     supports_dora: bool = False
+    #: True for the layer kinds that implement PiSSA/OLoRA (a data-driven ``init_lora_weights``).
+    supports_data_init: bool = False
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                    use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -90,6 +107,10 @@ class LoRALayer(nn.Module):
                              "implemented for Linear and MergedLinear (dense or NF4 base)")
         self.use_dora = use_dora
         check_init_lora_weights(init_lora_weights, "init_lora_weights")
+        if is_data_init(init_lora_weights) and not self.supports_data_init:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported by "
+                             f"{type(self).__name__}; PiSSA and OLoRA are implemented for Linear "
+                             "and MergedLinear (dense or NF4 base)")
         self.init_lora_weights = init_lora_weights
         self.r = r
         self.lora_alpha = lora_alpha

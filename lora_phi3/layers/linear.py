@@ -19,7 +19,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .base import LoRALayer, new_lora_param
+from .base import LoRALayer, is_data_init, new_lora_param
+from .data_init import olora_factors, parse_init_lora_weights, pissa_factors, to_original_base
 from .dora import dora_norm, dora_rescale, weight_row_sq
 from .lora_function import apply_lora_linear, base_linear
 from .slices import LoraSlice, iter_slices
@@ -33,6 +34,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
     fan_in_fan_out: bool
     lora_slices: tuple[tuple[int, int], ...]  # (start, size) of each adapted output slice
     supports_dora = True
+    supports_data_init = True
 
     @property
     def quantized_weight(self) -> nn.Module | None:
@@ -102,6 +104,8 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         if fan_in_fan_out:  # stored (in, out), as GPT-2's Conv1D and loralib keep it
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()
         del self._defer_magnitude
+        if self.r > 0 and is_data_init(self.init_lora_weights):
+            self._data_init()
         if self.use_dora and self.r > 0:
             self.reset_dora_magnitude()
 
@@ -157,11 +161,76 @@ class _LinearLoRA(LoRALayer, nn.Linear):
             self.weight = None
         self._dora_merged_gain = None
 
-    # -- DoRA --------------------------------------------------------------------------------------
+    # -- PiSSA / OLoRA ------------------------------------------------------------------------------
     def reset_lora_parameters(self) -> None:
-        super().reset_lora_parameters()
-        if getattr(self, "use_dora", False) and not getattr(self, "_defer_magnitude", False):
+        deferred = getattr(self, "_defer_magnitude", False)  # constructor: base not final yet
+        if is_data_init(getattr(self, "init_lora_weights", True)):
+            if not deferred:
+                self._data_init()
+        else:
+            super().reset_lora_parameters()
+        if getattr(self, "use_dora", False) and not deferred:
             self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def _data_init(self) -> None:
+        """PiSSA / OLoRA: ``A`` and ``B`` from the base weight of each adapted slice, and the base
+        replaced by the residual, so ``W_res + s B A`` is the original weight (PEFT's arithmetic,
+        :mod:`.data_init`). The initial factors are kept (``lora_A_init``/``lora_B_init``, not in the
+        state dict) for the conversion back to the original base when saving."""
+        kind, niter = parse_init_lora_weights(self.init_lora_weights)
+        weight = self.dense_base_weight()
+        if weight.is_meta:  # a weightless preview: shapes only
+            return
+        dense = (weight.T if self.fan_in_fan_out else weight).clone()  # (out, in), becomes W_res
+        for s in self.iter_slices():
+            if kind == "pissa":
+                A, B, residual = pissa_factors(dense[s.out_rows], self.r, self.scaling, niter)
+            else:
+                A, B, residual = olora_factors(dense[s.out_rows], self.r, self.scaling)
+            # PEFT moves the fp32 factors to the base's dtype and back to the adapter's.
+            self.lora_A[s.a_rows] = A.to(weight.dtype).to(self.lora_A.dtype)
+            self.lora_B[s.b_rows] = B.to(weight.dtype).to(self.lora_B.dtype)
+            dense[s.out_rows] = residual
+        self.set_base_weight(dense.T if self.fan_in_fan_out else dense)
+        self.register_buffer("lora_A_init", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("lora_B_init", self.lora_B.detach().clone(), persistent=False)
+
+    @torch.no_grad()
+    def adopt_data_init(self, dense: "_LinearLoRA") -> None:
+        """Take the PiSSA/OLoRA factors of ``dense``, a layer of the same shapes built over the
+        full-precision weight (whose base is now the residual this layer's base was built from).
+        QLoRA + PiSSA: factorise before quantising, so only the residual is rounded to 4 bits."""
+        self.init_lora_weights = dense.init_lora_weights
+        self.lora_A.copy_(dense.lora_A)
+        self.lora_B.copy_(dense.lora_B)
+        for name in ("lora_A_init", "lora_B_init"):
+            self.register_buffer(name, dense._buffers[name].to(self.lora_A.dtype), persistent=False)
+        if getattr(self, "use_dora", False):
+            self.reset_dora_magnitude()
+
+    def original_base_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``(A, B, r, lora_alpha)`` that give this layer's function on the ORIGINAL base weight.
+
+        For plain initialisations that is the layer's own adapter. After PiSSA/OLoRA (whose base is
+        a residual) it is the rank-``2r`` adapter ``[A; A0]``, ``[B, -B0]`` per slice, with
+        ``lora_alpha`` raised so the scaling is unchanged (PEFT's conversion, done here
+        automatically).
+        """
+        A, B = self.lora_A.detach(), self.lora_B.detach()
+        if not is_data_init(getattr(self, "init_lora_weights", True)):
+            return A, B, self.r, self.lora_alpha
+        A0, B0 = self._buffers["lora_A_init"], self._buffers["lora_B_init"]
+        As, Bs, alpha2 = [], [], self.lora_alpha
+        for s in self.iter_slices():
+            A2, B2, _, alpha2 = to_original_base(A[s.a_rows], B[s.b_rows], A0[s.a_rows],
+                                                 B0[s.b_rows], self.r, self.lora_alpha,
+                                                 self.use_rslora)
+            As.append(A2)
+            Bs.append(B2)
+        return torch.cat(As), torch.cat(Bs), 2 * self.r, alpha2
+
+    # -- DoRA --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def reset_dora_magnitude(self) -> None:

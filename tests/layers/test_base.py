@@ -210,10 +210,11 @@ def test_init_lora_weights_on_an_embedding_follows_peft():
     assert off.delta_weight().abs().max() > 0
 
 
-@pytest.mark.parametrize("bad", ["pissa", "olora", "Gaussian", 1, None])
+@pytest.mark.parametrize("bad", ["loftq", "eva", "pissa_niter_0", "Gaussian", 1, None])
 def test_unknown_init_lora_weights_is_named(bad):
     with pytest.raises(ValueError, match=r"init_lora_weights must be one of True, False, "
-                                         r"'gaussian', got " + re.escape(repr(bad))):
+                                         r"'gaussian', 'pissa', 'pissa_niter_K' \(K a positive "
+                                         r"int\) or 'olora', got " + re.escape(repr(bad))):
         lora.Linear(4, 4, r=2, init_lora_weights=bad)
     with pytest.raises(ValueError, match=r"LoraConfig.init_lora_weights must be one of"):
         lora.LoraConfig(init_lora_weights=bad)
