@@ -2,7 +2,8 @@
 
 ``import lora_phi3 as lora`` gives the loralib names (``lora.Linear``, ``lora.MergedLinear``,
 ``lora.Embedding``, ``lora.Conv1d/2d/3d``, ``lora.mark_only_lora_as_trainable``,
-``lora.lora_state_dict``) plus the injector and its controls, adapter files and PEFT interop,
+``lora.lora_state_dict``) plus the injector and its controls, several named adapters
+(``add_adapter``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``), adapter files and PEFT interop,
 QLoRA, LoRA+ optimizer groups (``lora_plus_param_groups``) and a divergence guard for your own
 training loop (``check_finite_step``). Importing it loads neither transformers nor the
 fine-tuning job; the job is the subpackage :mod:`lora_phi3.finetune`
@@ -20,9 +21,10 @@ from .utils import (TrainingDiverged, check_finite_step, lora_state_dict,
                     mark_only_lora_as_trainable)
 from .config import LoraConfig
 from .atomic import DiskFullError
-from .inject import (dequantize_and_merge, disable_lora, get_lora_config, inject_lora,
-                     load_quantized_model, lora_modules, merge_and_unload, merge_lora, phi3,
-                     unmerge_lora)
+from .inject import (active_adapter, add_adapter, adapter_names, delete_adapter,
+                     dequantize_and_merge, disable_lora, get_lora_config, inject_lora,
+                     load_quantized_model, lora_modules, merge_and_unload, merge_lora, mixed_batch,
+                     phi3, set_adapter, unmerge_lora)
 from .adapters import (adapter_state_dict, export_peft, import_peft, load_adapter, peft_state_dict,
                        read_adapter, save_adapter)
 from .quant import Linear4bit, MergedLinear4bit, NF4Tensor, nf4_dequantize, nf4_quantize
@@ -36,6 +38,7 @@ __all__ = [
     "check_finite_step", "TrainingDiverged", "DiskFullError",
     "LoraConfig", "inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
     "get_lora_config", "lora_modules", "enable_input_recompute", "phi3",
+    "add_adapter", "set_adapter", "delete_adapter", "mixed_batch", "active_adapter", "adapter_names",
     "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter",
     "export_peft", "import_peft", "peft_state_dict",
     "NF4Tensor", "nf4_quantize", "nf4_dequantize",

@@ -22,7 +22,7 @@ QUANTIZE_METHODS = (None, "nf4")
 #: LoRA-variant switches and their defaults (plain LoRA). A file without one of them means the
 #: default.
 VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True,
-                                     "use_dora": False}
+                                     "use_dora": False, "trainable_token_indices": None}
 
 
 @dataclass
@@ -54,6 +54,11 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output
             row rescales the adapted weight ``W + s B A`` to ``m * (W + s B A) / ||W + s B A||``
             (PEFT's name). Linear layers, fused slices and NF4 bases; see ``docs/variants.md``.
+        trainable_token_indices: rows of an embedding table trained on their own (new or special
+            tokens), as PEFT's option of that name: a list of token ids for the model's input
+            embeddings, or ``{embedding name: [token ids]}`` (names matched as dotted-path suffixes,
+            as ``target_modules``). Each selected embedding becomes a
+            :class:`~lora_phi3.layers.TrainableTokens` layer.
     """
 
     r: int = 8
@@ -69,6 +74,7 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     use_dora: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -108,6 +114,7 @@ class LoraConfig:
         check_init_lora_weights(self.init_lora_weights, "LoraConfig.init_lora_weights")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
 
     @property
     def scaling(self) -> float:
@@ -196,3 +203,23 @@ def _names(field_name: str, value: Any) -> list[str] | str | None:
         return list(value)
     raise ValueError(f"LoraConfig.{field_name} must be a list of module names or one regex "
                      f"string, got {value!r}")
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value) \
+        and len(set(value)) == len(value)
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """Validate ``trainable_token_indices``: None, distinct token ids, or {name: distinct ids}."""
+    if value is None:
+        return None
+    if _token_ids(value):
+        return list(value)
+    if isinstance(value, dict) and value and all(isinstance(k, str) and k and _token_ids(v)
+                                                 for k, v in value.items()):
+        return {k: list(v) for k, v in value.items()}
+    raise ValueError("LoraConfig.trainable_token_indices must be None, a non-empty list of distinct "
+                     "token ids (ints >= 0), or a non-empty {embedding module name: such a list}, "
+                     f"got {value!r}")

@@ -26,7 +26,8 @@ from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_dir
 from ..config import LoraConfig
-from ..inject.injector import get_lora_config, inject_lora
+from ..inject.injector import check_adapter_name, get_lora_config, inject_lora
+from ..inject.named import add_adapter, adapter_names, delete_adapter, using_adapter
 from ..layers import lora_layers
 from .conversion import convert_for_original_base, split_for_data_init
 from .schema import (ADAPTER_CONFIG_FILE, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION,
@@ -43,15 +44,25 @@ __all__ = ["save_adapter", "read_adapter", "load_adapter", "adapter_state_dict",
 
 
 # -- save ------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:
     """Write the adapter of ``model`` (see :func:`adapter_state_dict`) to directory ``path``.
+
+    Args:
+        model: a model with LoRA layers.
+        path: the directory to write.
+        adapter_name: which named adapter (default: the active one); the file holds it as the
+            model's only adapter, so it loads into any model under any name.
 
     Returns:
         The directory written.
 
     Raises:
-        ValueError: if the model holds no LoRA layer, or ``path`` is an existing file.
+        ValueError: if the model holds no LoRA layer, ``adapter_name`` is unknown, or ``path`` is
+            an existing file.
     """
+    if adapter_name is not None:
+        with using_adapter(model, _known(model, adapter_name, "save_adapter")):
+            return save_adapter(model, path)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model holds no LoRA layer with r > 0; "
@@ -137,8 +148,21 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 # -- load ------------------------------------------------------------------------------------------
-def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def _known(model: nn.Module, adapter_name: str, what: str) -> str:
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"{what}: unknown adapter {adapter_name!r}; the model has "
+                         f"{adapter_names(model)}")
+    return adapter_name
+
+
+def load_adapter(model: nn.Module, path: str | Path, strict: bool = True,
+                 adapter_name: str | None = None) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model``, after checking all of it.
+
+    With ``adapter_name``: into a bare model, it is injected under that name; into a model that
+    has the adapter already, its weights are replaced in place (a hot swap: smaller ranks are
+    padded, a compiled model does not recompile; see :mod:`.hotswap`); into a model with other
+    adapters, it is added (:func:`~lora_phi3.inject.named.add_adapter`) and loaded, inactive.
 
     If the model holds no LoRA layer yet, it is first injected with the saved config (the saved
     modules must exist with the saved shapes). A merged layer (eval with ``merge_weights``) is
@@ -158,6 +182,22 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     Raises:
         ValueError: on any problem, naming the keys and shapes; the model is then unchanged.
     """
+    if adapter_name is not None and not is_bare(model):
+        check_adapter_name(adapter_name)
+        if adapter_name in adapter_names(model):
+            from .hotswap import hotswap_adapter
+            return hotswap_adapter(model, path, adapter_name)
+        doc, _ = read_adapter(path)
+        if doc["lora_config"] is None:
+            raise ValueError(f"adapter {str(path)!r} has no lora_config to add it as "
+                             f"{adapter_name!r}")
+        add_adapter(model, LoraConfig.from_dict(doc["lora_config"]), adapter_name)
+        try:
+            with using_adapter(model, adapter_name):
+                return load_adapter(model, path, strict)
+        except ValueError:
+            delete_adapter(model, adapter_name)  # a refused load leaves the model as it was
+            raise
     doc, tensors = read_adapter(path)
     where = f"adapter {str(path)!r}"
     split_for_data_init(model, doc, tensors, where)  # a PiSSA run reading its own save back
@@ -181,7 +221,7 @@ def load_adapter(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         raise ValueError(f"{where} does not fit the model (nothing was changed): "
                          + "; ".join(problems))
     if config is not None:
-        inject_lora(model, config)
+        inject_lora(model, config, adapter_name=adapter_name or "default")
         logger.info("%s: injected LoRA into the bare model with the saved config", where)
     expected = adapter_state_dict(model)
     to_load = {k: v for k, v in tensors.items() if k in expected}

@@ -2,7 +2,12 @@
 
 PEFT stores, per adapted module, ``base_model.model.<path>.lora_A.weight`` ``(R, in)`` and
 ``.lora_B.weight`` ``(out, R)`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings) with one
-scaling ``lora_alpha / R``, and for DoRA ``.lora_magnitude_vector`` ``(out,)``. Our per-slice adapters on a fused projection (``MergedLinear``) export
+scaling ``lora_alpha / R``, and for DoRA ``.lora_magnitude_vector`` ``(out,)``. A convolution's pair
+is two conv kernels, ``A`` ``(R, in, *kernel)`` and ``B`` ``(out, R // groups, 1, ...)`` (our
+``lora_layout="peft"``); an ``nn.MultiheadAttention`` holds the in-projection's pair under its own
+path and the output projection's under ``<path>.base_layer.out_proj``; trainable tokens are
+``<path>.token_adapter.trainable_tokens_delta`` ``(k, dim)`` with the ids in the config's
+``trainable_token_indices``. Our per-slice adapters on a fused projection (``MergedLinear``) export
 exactly: the slices' ``A`` blocks are stacked and each ``B_i`` is placed block-diagonally in a full
 ``(out, r*k)`` matrix whose rows for unadapted slices are zero, so ``B_full @ A_stack`` is the
 fused delta. Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
@@ -23,25 +28,28 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_dir
 from ..inject.injector import get_lora_config
 from ..inject.matching import is_hf_conv1d, under_any
-from ..layers import Embedding, Linear, LoRALayer, MergedLinear, lora_layers
+from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
+                      TrainableTokens, lora_layers)
 from ..layers.base import is_data_init
+from ..layers.conv import _ConvLoRA
 from ..layers.slices import iter_slices
 from .state import adapter_param_keys, adapter_state_dict, to_saveable
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["export_peft", "peft_state_dict", "PEFT_WEIGHTS_FILE", "PEFT_CONFIG_FILE", "PEFT_PREFIX",
-           "json_number", "peft_targetable", "compress_targets"]
+           "PEFT_TOKENS_KEY", "json_number", "peft_targetable", "compress_targets", "pad_rank",
+           "peft_path", "nested_in"]
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel's path to the wrapped model, on every key
+PEFT_TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # after the embedding's path
 
 
 def json_number(x: float) -> int | float:
@@ -51,8 +59,50 @@ def json_number(x: float) -> int | float:
 
 def peft_targetable(module: nn.Module) -> bool:
     """True for the module types PEFT's LoRA wraps when a target name matches them."""
-    return isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)) \
-        or is_hf_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd,
+                               nn.MultiheadAttention)) or is_hf_conv1d(module)
+
+
+def nested_in(name: str, names) -> str | None:
+    """The nearest proper ancestor of the module path ``name`` among ``names``, or None (an
+    ``nn.MultiheadAttention``'s ``out_proj`` adapter is nested in the attention's)."""
+    parts = name.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+                 if p in names), None)
+
+
+def peft_path(path: str, wrapped) -> str:
+    """``path`` as PEFT names it: ``.base_layer`` after every module in ``wrapped`` (the LoRA layers)
+    that it passes through, since PEFT keeps the original module there
+    (``mha.out_proj`` -> ``mha.base_layer.out_proj``, ``fc.bias`` -> ``fc.base_layer.bias``)."""
+    parts, out = path.split("."), []
+    for i, part in enumerate(parts[:-1]):
+        out.append(part)
+        if ".".join(parts[:i + 1]) in wrapped:
+            out.append("base_layer")
+    return ".".join(out + parts[-1:])
+
+
+def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int, groups: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` zero-padded to ``rank`` with ``B @ A`` unchanged: zero rows of ``A``, zero columns
+    of ``B``. A grouped conv's ``B`` reads rank channels in ``groups`` blocks, so each block is
+    padded at its end (``rank`` must split into the groups).
+
+    Raises:
+        ValueError: ``rank`` is not divisible by ``groups``.
+    """
+    r = A.shape[0]
+    if rank == r:
+        return A, B
+    if rank % groups:
+        raise ValueError(f"cannot pad a rank-{r} conv adapter to rank {rank}: its groups={groups} "
+                         f"must divide the rank")
+    per, new_per = r // groups, rank // groups
+    A_blocks = A.reshape(groups, per, *A.shape[1:])
+    A = torch.cat([A_blocks, A.new_zeros(groups, new_per - per, *A.shape[1:])], 1).flatten(0, 1)
+    B = torch.cat([B, B.new_zeros(B.shape[0], new_per - per, *B.shape[2:])], 1)
+    return A, B
 
 
 def compress_targets(chosen: list[str], candidates: dict[str, set[str]]) -> list[str]:
@@ -80,8 +130,9 @@ def _dropout_p(layer: LoRALayer) -> float:
 
 
 def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's update as one PEFT pair ``A (rank, in)``, ``B (out, rank)``; exact. A PiSSA/OLoRA
-    layer gives its rank-2r update for the original base (``original_base_factors``)."""
+    """The layer's update as one PEFT pair ``A (rank, in)``, ``B (out, rank)`` (conv kernels for a
+    convolution); exact. A PiSSA/OLoRA layer gives its rank-2r update for the original base
+    (``original_base_factors``)."""
     if isinstance(layer, (Linear, MergedLinear)):
         A, B_stacked, r, _ = layer.original_base_factors()
         if not isinstance(layer, MergedLinear):
@@ -90,11 +141,16 @@ def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tens
         for s in iter_slices(layer.lora_slices, r):  # block-diagonal: a slice sees only its A_i
             B[s.out_rows, s.a_rows] = B_stacked[s.b_rows]
         return A, B
-    if isinstance(layer, (Linear, Embedding)):
+    if isinstance(layer, _ConvLoRA) and layer.lora_layout != "peft":
+        raise ValueError(f"export_peft: {name} is a LoRA {type(layer).__name__} in "
+                         f"lora_layout={layer.lora_layout!r}; PEFT factorises convolutions "
+                         "differently (A a full-kernel conv, B a 1x1 conv), so it cannot be exported "
+                         "exactly. Build it with lora_layout='peft' (as inject_lora does)")
+    if isinstance(layer, (Linear, Embedding, MultiheadAttention, _ConvLoRA)):
         return layer.lora_A.detach(), layer.lora_B.detach()
-    raise ValueError(f"export_peft: {name} is a LoRA {type(layer).__name__}; PEFT factorises "
-                     "convolutions differently (A is a full-kernel conv, B a 1x1 conv), so it cannot "
-                     "be exported exactly. Allowed layer types: Linear, MergedLinear, Embedding")
+    raise ValueError(f"export_peft: {name} is a LoRA {type(layer).__name__}, which has no PEFT "
+                     "form. Allowed layer types: Linear, MergedLinear, Embedding, Conv1d/2d/3d "
+                     "(lora_layout='peft'), MultiheadAttention, TrainableTokens")
 
 
 def _full_magnitude(layer: LoRALayer) -> torch.Tensor:
@@ -151,48 +207,57 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         ``(tensors keyed as PEFT saves them, the adapter_config.json dict)``.
 
     Raises:
-        ValueError: if the model holds no LoRA layer or a LoRA convolution.
+        ValueError: if the model holds no LoRA layer (trainable tokens alone have no PEFT LoRA
+            form either), a LoRA convolution in loralib's layout, or layers PEFT cannot hold in one
+            adapter (DoRA mixed with plain LoRA; a grouped conv that cannot be padded to the rank).
     """
-    layers = lora_layers(model)
+    every = lora_layers(model)
+    tokens = {n: l for n, l in every.items() if isinstance(l, TrainableTokens)}
+    layers = {n: l for n, l in every.items() if n not in tokens}
     if not layers:
-        raise ValueError("export_peft: the model holds no LoRA layer with r > 0")
+        raise ValueError("export_peft: the model holds no LoRA layer with r > 0"
+                         + (" (trainable tokens alone are not a PEFT LoRA adapter)" if tokens else ""))
     factors = {name: _full_factors(name, layer) for name, layer in layers.items()}
     use_dora = _dora_flag(layers)
     rank = max(A.shape[0] for A, _ in factors.values())
     s_ref = next(iter(layers.values())).scaling
     tensors: dict[str, torch.Tensor] = {}
-    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    # An MHA's out_proj adapter takes the attention's rank and alpha in PEFT: it is no target.
+    owner = {name: nested_in(name, layers) for name in layers}
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items() if owner[name] is None}
     for name, (A, B) in factors.items():
         layer = layers[name]
-        if pad_to_max_rank:
-            pad = rank - A.shape[0]
-            A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))  # zero rows of A, zero cols of B
+        to_rank = rank if pad_to_max_rank else ranks[owner[name] or name]
+        A, B = pad_rank(A, B, to_rank, getattr(layer, "groups", 1))
         if layer.scaling != s_ref:  # one alpha for the whole file: fold the ratio into B
             B = (B.float() * (layer.scaling / s_ref)).to(B.dtype)
             logger.info("export_peft: %s has scaling %g != %g; folded the ratio into lora_B",
                         name, layer.scaling, s_ref)
         a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding)
                         else ("lora_A.weight", "lora_B.weight"))
-        tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = A
-        tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = B
+        path = peft_path(name, layers)
+        tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = A
+        tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = B
         if use_dora:  # zero padding and a B folded to s_ref leave every row's norm unchanged
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _full_magnitude(layer)
+            tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = _full_magnitude(layer)
+    for name, layer in tokens.items():
+        tensors[f"{PEFT_PREFIX}{name}.{PEFT_TOKENS_KEY}"] = layer.token_values.detach()
+    if any(isinstance(layer, MultiheadAttention) for layer in layers.values()):
+        logger.warning("export_peft: PEFT <= 0.21 adds an nn.MultiheadAttention's out_proj update "
+                       "twice in its forward (huggingface/peft#3774); this model adds it once, so "
+                       "PEFT's outputs differ from ours on out_proj until PEFT is fixed")
     # Biases and modules_to_save: PEFT keeps the bias of a wrapped module under ``base_layer``.
     own = adapter_param_keys(model)
     for key, t in adapter_state_dict(model).items():
-        if key in own:
-            continue
-        module_name, _, leaf = key.rpartition(".")
-        if leaf == "bias" and module_name in layers:
-            key = f"{module_name}.base_layer.bias"
-        tensors[PEFT_PREFIX + key] = t
+        if key not in own:
+            tensors[PEFT_PREFIX + peft_path(key, layers)] = t
     config = get_lora_config(model)
     to_save = config.modules_to_save if config is not None else None
     candidates: dict[str, set[str]] = {}
     for n, m in model.named_modules():
         if n and peft_targetable(m) and not under_any(n, to_save):  # PEFT never adapts modules_to_save
             candidates.setdefault(n.rpartition(".")[2], set()).add(n)
-    targets = compress_targets(list(layers), candidates)
+    targets = compress_targets(list(ranks), candidates)
     rank_pattern = {} if pad_to_max_rank else _rank_pattern(ranks, rank)
     # rsLoRA when every layer has it (alpha / sqrt(r)), else alpha / r: either way alpha is chosen
     # so that PEFT's scaling is s_ref, and the logits are ours.
@@ -222,7 +287,8 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "r": rank,
         "rank_pattern": rank_pattern, "revision": None, "target_modules": targets, "target_parameters": None,
         "task_type": "CAUSAL_LM" if _is_causal_lm(model) else None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": use_dora,
+        "trainable_token_indices": {n: list(l.token_indices) for n, l in tokens.items()} or None,
+        "use_bdlora": None, "use_dora": use_dora,
         "use_qalora": False, "use_rslora": rslora, "velora_config": None,
     }
     return tensors, peft_cfg

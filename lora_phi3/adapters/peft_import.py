@@ -1,9 +1,10 @@
 """Import Hugging Face PEFT LoRA adapters, after checking all of them against the model.
 
-A PEFT file holds one ``lora_A`` ``(R, in)`` / ``lora_B`` ``(out, R)`` pair per module (the format is
-described in :mod:`.peft_export`). Into an injected model each pair is mapped exactly onto the
-layer's own layout (a fused update onto per-slice adapters, rank padding, a block-diagonal ``B``
-back to its slices) or refused; a bare model is first injected with a config derived from the file.
+A PEFT file holds one ``lora_A`` ``(R, in)`` / ``lora_B`` ``(out, R)`` pair per module (conv kernels
+for a convolution), and trainable tokens' values (the format is described in :mod:`.peft_export`).
+Into an injected model each pair is mapped exactly onto the layer's own layout (a fused update onto
+per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices) or refused; a bare
+model is first injected with a config derived from the file.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from ..config import LoraConfig
 from ..inject import phi3
 from ..inject.injector import inject_lora
 from ..inject.matching import is_hf_conv1d
-from ..layers import Embedding, Linear, LoRALayer, MergedLinear, lora_layers
-from .peft_export import (PEFT_CONFIG_FILE, PEFT_PREFIX, PEFT_WEIGHTS_FILE, compress_targets,
-                          json_number, peft_targetable)
+from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
+                      TrainableTokens, lora_layers)
+from ..layers.conv import _ConvLoRA
+from .peft_export import (PEFT_CONFIG_FILE, PEFT_PREFIX, PEFT_TOKENS_KEY, PEFT_WEIGHTS_FILE,
+                          compress_targets, json_number, pad_rank, peft_targetable)
 from .schema import is_int, is_number, is_positive_number
 from .state import adapter_param_keys, adapter_state_dict, injected_preview, is_bare
 from .validate import decode_safetensors, non_float_keys, read_json
@@ -35,12 +38,17 @@ __all__ = ["import_peft"]
 
 # LoRA variants whose forward differs from plain LoRA: refused on import rather than mis-loaded.
 _UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-                "kasa_config", "monteclora_config")
+                "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config",
+                "monteclora_config")
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)"
                       r"(?:\.(?P<adapter>[^.]+))?$")
+_TOKENS_KEY = re.compile(rf"^(?P<mod>.+)\.{re.escape(PEFT_TOKENS_KEY)}(?:\.(?P<adapter>[^.]+))?$")
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(is_int(i, 0) for i in value)
 
 
 def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
@@ -74,6 +82,11 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
                                     and all(isinstance(n, str) and n for n in to_save)):
         raise ValueError(f"{where}: modules_to_save must be a list of module names or null, "
                          f"got {to_save!r}")
+    tokens = cfg.get("trainable_token_indices")
+    if tokens is not None and not (_token_ids(tokens) or isinstance(tokens, dict) and all(
+            isinstance(k, str) and _token_ids(v) for k, v in tokens.items())):
+        raise ValueError(f"{where}: trainable_token_indices must be a list of token ids, an object "
+                         f"{{module name: [token ids]}} or null, got {tokens!r}")
     for field in _UNSUPPORTED:
         if cfg.get(field):
             raise ValueError(f"{where}: {field}={cfg[field]!r} is a LoRA variant this library does "
@@ -98,14 +111,42 @@ def _peft_scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
+def _pattern_name(name: str, entry: dict[str, Any]) -> str:
+    """The module whose ``rank_pattern``/``alpha_pattern`` entry applies: an MHA's out_proj adapter
+    takes its attention's."""
+    return entry.get("owner") or name
+
+
+def _token_indices_for(cfg: dict[str, Any], name: str) -> list[int] | None:
+    """The ids PEFT's ``trainable_token_indices`` gives the embedding at ``name`` (PEFT matches a
+    dict key as a plain suffix of the path; a list means the input embeddings)."""
+    spec = cfg.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        return next((ids for key, ids in spec.items() if name.endswith(key)), None)
+    return spec
+
+
 def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
-    """Split PEFT keys into ``{module: {"A", "B", "M" (DoRA), "embedding"}}`` and other model keys."""
+    """Split PEFT keys into ``{module: {"A", "B", "M" (DoRA), "embedding", "owner"}}``, trainable
+    tokens' values ``{embedding: (k, dim)}`` and other model keys.
+
+    PEFT keeps a wrapped module under ``base_layer``; an adapter nested in another's wrapped module
+    (an MHA's ``out_proj``) is renamed to our path (``mha.base_layer.out_proj`` -> ``mha.out_proj``)
+    and keeps its ``owner``.
+    """
     modules: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
+    tokens: dict[str, torch.Tensor] = {}
     adapters: set[str] = set()
     magnitudes: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(PEFT_PREFIX)
+        tok = _TOKENS_KEY.match(k)
+        if tok:
+            if tok["adapter"]:
+                adapters.add(tok["adapter"])
+            tokens[tok["mod"]] = t
+            continue
         mag = _MAG_KEY.match(k)
         if mag:
             if not use_dora:
@@ -119,7 +160,11 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
         if m:
             if m["adapter"]:
                 adapters.add(m["adapter"])
-            entry = modules.setdefault(m["mod"], {"embedding": "embedding" in m["which"]})
+            owner, nested, _ = m["mod"].partition(".base_layer.")
+            entry = modules.setdefault(m["mod"].replace(".base_layer.", "."),
+                                       {"embedding": "embedding" in m["which"]})
+            if nested:
+                entry["owner"] = owner
             entry[m["which"][-1]] = t
             continue
         k = re.sub(r"\.modules_to_save\.(?:[^.]+\.)?(?=[^.]+$)", ".", k)
@@ -141,33 +186,57 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
             if entry["embedding"]:
                 raise ValueError(f"{where}: module {name} is a DoRA embedding; DoRA loads into "
                                  "linear layers only")
+            if entry["A"].dim() > 2:
+                raise ValueError(f"{where}: module {name} is a DoRA convolution; DoRA loads into "
+                                 "linear layers only")
             entry["M"] = magnitudes[name]
-    return modules, extras
+    return modules, extras, tokens
 
 
-def _base_dims(module: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` of a base module as PEFT's A/B see it (A: (r, in), B: (out, r))."""
+def _pair_problem(A: torch.Tensor, B: torch.Tensor) -> str | None:
+    """Why ``A``, ``B`` are no PEFT pair: ``(rank, in)``, ``(out, rank)``, or for a convolution
+    ``(rank, in, *kernel)``, ``(out, rank // groups, 1, ...)``; None if they are one."""
+    if A.dim() == B.dim() == 2 and A.shape[0] == B.shape[1]:
+        return None
+    if 3 <= A.dim() == B.dim() <= 5 and all(d == 1 for d in B.shape[2:]) and B.shape[1] > 0 \
+            and A.shape[0] % B.shape[1] == 0:
+        return None
+    return (f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a (rank, in), (out, rank) "
+            "pair, nor a convolution's (rank, in, *kernel), (out, rank // groups, 1, ...)")
+
+
+def _pair_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The ``(lora_A, lora_B)`` shapes PEFT gives ``module`` at ``rank``, or None for a type it
+    has no LoRA pair for here."""
     if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
+        return (rank, module.num_embeddings), (module.embedding_dim, rank)
+    if isinstance(module, nn.MultiheadAttention):  # the fused in-projection, (3E, E)
+        return (rank, module.embed_dim), (3 * module.embed_dim, rank)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        ones = (1,) * len(module.kernel_size)
+        return ((rank, module.in_channels, *module.kernel_size),
+                (module.out_channels, rank // module.groups, *ones))
     if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_hf_conv1d(module):
-        return tuple(module.weight.shape)  # (in, out): fan_in_fan_out
+        return (rank, module.in_features), (module.out_features, rank)
+    if is_hf_conv1d(module):  # weight (in, out): fan_in_fan_out
+        return (rank, module.weight.shape[0]), (module.weight.shape[1], rank)
     return None
 
 
 def _fit(name: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, s_peft: float,
          problems: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Express PEFT's ``s_peft * B @ A`` exactly in ``layer``'s own layout, or report why not."""
+    if isinstance(layer, _ConvLoRA):
+        return _fit_conv(name, layer, A, B, s_peft, problems)
     if isinstance(layer, MergedLinear):
         slices, out = layer.lora_slices, layer.out_features
     elif isinstance(layer, Embedding):
         slices, out = [(0, layer.embedding_dim)], layer.embedding_dim
-    elif isinstance(layer, Linear):
+    elif isinstance(layer, (Linear, MultiheadAttention)):
         slices, out = [(0, layer.out_features)], layer.out_features
     else:
-        problems.append(f"{name}: PEFT adapters load into Linear, MergedLinear and Embedding "
-                        f"layers, not {type(layer).__name__}")
+        problems.append(f"{name}: PEFT adapters load into Linear, MergedLinear, Embedding, "
+                        f"Conv1d/2d/3d and MultiheadAttention layers, not {type(layer).__name__}")
         return None
     in_dim, r = layer.lora_A.shape[1], layer.r
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_dim or B.shape[0] != out \
@@ -202,6 +271,28 @@ def _fit(name: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, s_peft: 
         As.append(Ai)
         Bs.append(Bi if ratio == 1.0 else Bi * ratio)
     return (torch.cat(As).to(layer.lora_A.dtype), torch.cat(Bs).to(layer.lora_B.dtype))
+
+
+def _fit_conv(name: str, layer: _ConvLoRA, A: torch.Tensor, B: torch.Tensor, s_peft: float,
+              problems: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PEFT's conv pair in a ``lora_layout="peft"`` layer: the same kernels, zero-padded to the
+    layer's rank, with any scaling ratio folded into ``B``."""
+    if layer.lora_layout != "peft":
+        problems.append(f"{name}: the model's {type(layer).__name__} uses lora_layout="
+                        f"{layer.lora_layout!r}, which PEFT's conv factorisation does not map to "
+                        "(build it with lora_layout='peft', as inject_lora does)")
+        return None
+    want = _pair_shapes(layer, A.shape[0])
+    if want != (tuple(A.shape), tuple(B.shape)):
+        problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, lora_B "
+                        f"{tuple(B.shape)}; model needs lora_A {want[0]}, lora_B {want[1]}")
+        return None
+    if A.shape[0] > layer.r:
+        problems.append(f"{name}: the file's rank {A.shape[0]} exceeds the model's layer r={layer.r}")
+        return None
+    A, B = pad_rank(A.float(), B.float(), layer.r, layer.groups)  # r % groups: the layer checked
+    ratio = s_peft / layer.scaling
+    return A.to(layer.lora_A.dtype), (B if ratio == 1.0 else B * ratio).to(layer.lora_B.dtype)
 
 
 def _base_rows(module: nn.Module) -> torch.Tensor:
@@ -243,12 +334,14 @@ def _nonzero_cols(B: torch.Tensor) -> int:
 
 
 def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
-                    model: nn.Module) -> LoraConfig:
+                    tokens: dict[str, list[int]], model: nn.Module) -> LoraConfig:
     """The LoraConfig that, injected into the bare ``model``, holds the PEFT adapter exactly.
 
     On Phi-3 a fused module gets adapters only on the slices whose rows of ``B`` are non-zero
     (all of them if ``B`` is all zero), so our own per-slice export comes back as it was. The rank
-    is the most non-zero ``B`` columns any slice needs (PEFT's rank if ``B`` is all zero).
+    is the most non-zero ``B`` columns any slice needs (PEFT's rank if ``B`` is all zero; a
+    convolution keeps its rank, which its groups split). An MHA's out_proj adapter comes with its
+    attention's target. ``tokens``: the embeddings' trainable token ids.
     """
     slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
     named = dict(model.named_modules())
@@ -263,8 +356,12 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
     for name in sorted(modules):
         B = modules[name]["B"]
         fused = slice_map.get(name)
-        if fused is None:
+        if B.dim() > 2:  # a convolution: A's rank, in blocks of its groups
             chosen.append(name)
+            rank = max(rank, modules[name]["A"].shape[0])
+            continue
+        if fused is None:
+            chosen += [] if "owner" in modules[name] else [name]
             rank = max(rank, _nonzero_cols(B))
             continue
         offsets = [sum(fused.split_sizes[:i]) for i in range(len(fused.split_sizes))]
@@ -279,7 +376,7 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
         rank = max([rank] + [_nonzero_cols(parts[i]) for i in live])
     rank = rank or max(e["A"].shape[0] for e in modules.values())
     first = sorted(modules)[0]
-    s_ref = _peft_scaling(cfg, first, modules[first]["A"].shape[0])
+    s_ref = _peft_scaling(cfg, _pattern_name(first, modules[first]), modules[first]["A"].shape[0])
     to_save = cfg.get("modules_to_save") or None
     rslora = bool(cfg.get("use_rslora"))  # kept, so a re-export is rsLoRA again
     return LoraConfig(r=rank, lora_alpha=json_number(s_ref * (math.sqrt(rank) if rslora else rank)),
@@ -287,7 +384,8 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
                       lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                       target_modules=compress_targets(chosen, candidates),
                       bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,
-                      fan_in_fan_out=bool(cfg.get("fan_in_fan_out")))
+                      fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
+                      trainable_token_indices=dict(tokens) or None)
 
 
 def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
@@ -300,7 +398,9 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     already-injected model each PEFT pair is mapped exactly onto the layer's layout (a fused
     PEFT update onto per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices)
     or refused. Keys may carry the ``base_model.model.`` prefix and an adapter name
-    (``lora_A.default.weight``).
+    (``lora_A.default.weight``). Convolutions load into ``lora_layout="peft"`` layers,
+    ``nn.MultiheadAttention`` adapters into :class:`~lora_phi3.layers.MultiheadAttention`, and
+    ``trainable_token_indices`` into :class:`~lora_phi3.layers.TrainableTokens`.
 
     Args:
         model: a transformers model (e.g. ``Phi3ForCausalLM``) or any module.
@@ -329,42 +429,74 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     bad = non_float_keys(tensors)
     if bad:
         raise ValueError(f"{where}: non-floating tensors {bad}")
-    modules, extras = _group_keys(tensors, where, bool(cfg.get("use_dora")))
+    modules, extras, tokens = _group_keys(tensors, where, bool(cfg.get("use_dora")))
     if not modules:
         raise ValueError(f"{where} holds no lora_A/lora_B tensors")
     problems = []
     for name, entry in sorted(modules.items()):
-        A, B, rank = entry["A"], entry["B"], _peft_rank(cfg, name)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            problems.append(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
-                            "a (rank, in), (out, rank) pair")
+        A, B, rank = entry["A"], entry["B"], _peft_rank(cfg, _pattern_name(name, entry))
+        pair = _pair_problem(A, B)
+        if pair is not None:
+            problems.append(f"{name}: {pair}")
         elif A.shape[0] != rank:
             problems.append(f"{name}: lora_A has rank {A.shape[0]}, the config says {rank} "
                             "(r, or its rank_pattern entry)")
+        owner = entry.get("owner")
+        if owner is not None and owner not in modules:
+            problems.append(f"{name} is nested in {owner}, which has no lora_A/lora_B")
+    token_ids: dict[str, list[int]] = {}
+    for name, values in sorted(tokens.items()):
+        ids = _token_indices_for(cfg, name)
+        if ids is None:
+            problems.append(f"{name}: trainable tokens, but trainable_token_indices has no entry "
+                            "for it")
+        elif values.dim() != 2 or values.shape[0] != len(ids):
+            problems.append(f"{name}: {PEFT_TOKENS_KEY} {tuple(values.shape)} does not hold one "
+                            f"row per token id ({len(ids)})")
+        else:
+            token_ids[name] = ids
     if problems:
         raise ValueError(f"{where} disagrees with itself: " + "; ".join(problems))
     if cfg.get("init_lora_weights") == "loftq" or cfg.get("loftq_config"):
         logger.warning("%s was trained with LoftQ: it expects the LoftQ-initialised base weights", where)
 
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()) and \
+            any("owner" in entry for entry in modules.values()):
+        logger.warning("%s adapts nn.MultiheadAttention: PEFT <= 0.21 adds its out_proj update twice "
+                       "in the forward (huggingface/peft#3774); this import adds it once, as the "
+                       "adapter's tensors define it", where)
+
     target, derived = model, None
     if is_bare(model):
         named, problems = dict(model.named_modules()), []
         for name, entry in modules.items():
-            dims = _base_dims(named[name]) if name in named else None
-            if dims is None:
-                problems.append(f"module {name} does not exist in the model or is not linear/embedding")
-            elif entry["A"].dim() != 2 or entry["B"].dim() != 2 or \
-                    (entry["A"].shape[1], entry["B"].shape[0]) != dims:
-                problems.append(f"shape mismatch for {name}: file lora_A {tuple(entry['A'].shape)}, "
-                                f"lora_B {tuple(entry['B'].shape)}; the model's (in, out) is {dims}")
+            A, B = entry["A"], entry["B"]
+            want = _pair_shapes(named[name], A.shape[0]) if name in named else None
+            if want is None:
+                problems.append(f"module {name} does not exist in the model or is no type PEFT's "
+                                "LoRA adapts (linear, embedding, convolution, MultiheadAttention)")
+            elif want != (tuple(A.shape), tuple(B.shape)):
+                problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, "
+                                f"lora_B {tuple(B.shape)}; the model needs lora_A {want[0]}, "
+                                f"lora_B {want[1]}")
+        for name, values in tokens.items():
+            emb = named.get(name)
+            if not isinstance(emb, nn.Embedding):
+                problems.append(f"trainable tokens for {name}, which is no nn.Embedding of the model")
+            elif values.shape[1:] != (emb.embedding_dim,):
+                problems.append(f"shape mismatch for {name}.{PEFT_TOKENS_KEY}: file "
+                                f"{tuple(values.shape)}, the model's embedding_dim is {emb.embedding_dim}")
         problems += _extra_problems(model.state_dict(), extras)
         if problems:
             raise ValueError(f"{where} does not fit the model (nothing was changed): "
                              + "; ".join(problems))
-        derived = _derived_config(cfg, modules, model)
+        derived = _derived_config(cfg, modules, token_ids, model)
         target = injected_preview(model, derived)  # validate against a weightless copy
 
-    layers, problems, to_load = lora_layers(target), [], {}
+    every, problems, to_load = lora_layers(target), [], {}
+    token_layers = {n: l for n, l in every.items() if isinstance(l, TrainableTokens)}
+    layers = {n: l for n, l in every.items() if n not in token_layers}
+    problems += _token_problems(token_layers, tokens, token_ids, strict, to_load)
     real = dict(model.named_modules())  # the preview is weightless: norms read the real bases
     unexpected = sorted(set(modules) - set(layers))
     missing = sorted(set(layers) - set(modules))
@@ -374,7 +506,8 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
         problems.append(f"missing modules (LoRA layers the file does not cover) {missing}")
     for name in sorted(set(modules) & set(layers)):
         A, B = modules[name]["A"], modules[name]["B"]
-        fitted = _fit(name, layers[name], A, B, _peft_scaling(cfg, name, A.shape[0]), problems)
+        s_peft = _peft_scaling(cfg, _pattern_name(name, modules[name]), A.shape[0])
+        fitted = _fit(name, layers[name], A, B, s_peft, problems)
         if fitted is not None:
             to_load[f"{name}.lora_A"], to_load[f"{name}.lora_B"] = fitted
         M, layer_dora = modules[name].get("M"), getattr(layers[name], "use_dora", False)
@@ -397,8 +530,36 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     to_load.update({k: v.to(state[k].dtype) for k, v in extras.items() if k in state})
     with torch.no_grad():
         model.load_state_dict(to_load, strict=False)  # LoRA layers unmerge/re-merge themselves
-    logger.info("imported %d PEFT modules (+%d other tensors) from %s", len(modules), len(extras), path)
+    logger.info("imported %d PEFT modules (+%d trainable-token tables, %d other tensors) from %s",
+                len(modules), len(tokens), len(extras), path)
     return model
+
+
+def _token_problems(layers: dict[str, TrainableTokens], tokens: dict[str, torch.Tensor],
+                    token_ids: dict[str, list[int]], strict: bool,
+                    to_load: dict[str, torch.Tensor]) -> list[str]:
+    """Match the file's trainable tokens to the model's layers (same ids, one row each); what fits
+    goes into ``to_load``."""
+    problems = []
+    unexpected = sorted(set(tokens) - set(layers))
+    if unexpected:
+        problems.append(f"trainable tokens for {unexpected}, which have no TrainableTokens layer in "
+                        "the model")
+    missing = sorted(set(layers) - set(tokens))
+    if strict and missing:
+        problems.append(f"missing trainable tokens (TrainableTokens layers the file does not cover) "
+                        f"{missing}")
+    for name in sorted(set(tokens) & set(layers)):
+        layer, values = layers[name], tokens[name]
+        if name in token_ids and token_ids[name] != list(layer.token_indices):
+            problems.append(f"{name}: the file trains tokens {token_ids[name]}, the model's layer "
+                            f"{list(layer.token_indices)}")
+        elif tuple(values.shape) != tuple(layer.token_values.shape):
+            problems.append(f"shape mismatch for {name}.{PEFT_TOKENS_KEY}: file "
+                            f"{tuple(values.shape)}, model {tuple(layer.token_values.shape)}")
+        else:
+            to_load[f"{name}.token_values"] = values.to(layer.token_values.dtype)
+    return problems
 
 
 def _extra_problems(state: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]) -> list[str]:

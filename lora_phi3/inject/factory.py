@@ -1,7 +1,11 @@
 """Which LoRA layer replaces a module, and which plain module a LoRA layer stands for.
 
 :func:`make_lora_module` is the single place where a base module becomes a LoRA layer (dense or
-over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``. A
+over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and_unload``.
+Convolutions get PEFT's factorisation (``lora_layout="peft"``), so an injected model exports to and
+imports from PEFT exactly; ``nn.MultiheadAttention`` gets :class:`~lora_phi3.layers.MultiheadAttention`
+(its ``out_proj`` a LoRA ``Linear`` inside it); the embeddings of ``trainable_token_indices`` get
+:class:`~lora_phi3.layers.TrainableTokens`. A
 quantized base is dispatched by ``LoraConfig.quantize_base`` to its builder in
 :mod:`lora_phi3.quant` (PEFT's ``dispatch_*`` style): the injector imports the formats it knows,
 and nothing registers itself at import time.
@@ -16,14 +20,15 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear,
+                      MultiheadAttention, TrainableTokens)
 from ..layers.base import is_data_init
 from ..quant import qlora
-from .matching import SliceSpec, is_hf_conv1d
+from .matching import SliceSpec, TokenSpec, is_hf_conv1d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_lora_module", "plain_module", "quantized_factory", "quantized_check", "BASE_ATTR"]
+__all__ = ["make_lora_module", "lora_kwargs", "plain_module", "quantized_factory", "quantized_check", "BASE_ATTR"]
 
 BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
 _CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
@@ -59,24 +64,41 @@ def quantized_check(config: LoraConfig) -> Callable[[nn.Module, str], None] | No
     return lambda module, name: check(module, name, is_hf_conv1d(module))
 
 
+def lora_kwargs(config: LoraConfig, module: nn.Module) -> dict[str, Any]:
+    """The LoRA arguments every layer constructor takes, from ``config``, for a layer over
+    ``module``'s weight (dense, or a quantized LoRA layer's base)."""
+    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) \
+        else getattr(module, "weight", None)
+    dtype = weight.dtype if weight is not None else module.quantized_weight.compute_dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
+                lora_dtype=torch.float32 if half else None, use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights, use_dora=config.use_dora)
+
+
 def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
-                     slice_spec: SliceSpec | None) -> nn.Module:
+                     slice_spec: SliceSpec | TokenSpec | None) -> nn.Module:
     """The LoRA layer that replaces ``module`` (the single place where layers are chosen).
 
     Adapters are kept in fp32 when the base weight is fp16/bf16: the optimizer then updates fp32
-    values, and the layers cast the input to fp32 and the adapter's output back.
+    values, and the layers cast the input to fp32 and the adapter's output back (trainable tokens
+    keep the table's dtype, as PEFT's do).
+
+    Args:
+        slice_spec: the plan's entry for ``module``: a :class:`SliceSpec` (slices of a fused
+            projection), a :class:`TokenSpec` (trainable tokens) or None (the whole module).
 
     Raises:
         NotImplementedError: ``config.quantize_base`` names no known quantized layer.
-        ValueError: the quantized builder refuses ``module`` (see its check).
+        ValueError: the quantized builder refuses ``module`` (see its check); a layer refuses the
+            config (e.g. DoRA on a convolution, ``r`` not divisible by a conv's ``groups``).
     """
-    half = module.weight.dtype in (torch.float16, torch.bfloat16)
-    common: dict[str, Any] = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
-                                  lora_dtype=torch.float32 if half else None,
-                                  use_rslora=config.use_rslora,
-                                  init_lora_weights=config.init_lora_weights,
-                                  use_dora=config.use_dora)
     new: LoRALayer
+    if isinstance(slice_spec, TokenSpec):
+        new = TrainableTokens.from_embedding(module, slice_spec.token_indices, merge_weights=False,
+                                             init_lora_weights=config.init_lora_weights)
+        return _keep_base(new, module)
+    common = lora_kwargs(config, module)
     if config.quantize_base is not None:
         build = quantized_factory(config)
         slices = slice_spec._asdict() if slice_spec is not None else {}
@@ -93,15 +115,26 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     elif isinstance(module, nn.Embedding):
         new = Embedding.from_embedding(module, **common)
     elif isinstance(module, tuple(_CONV_LORA)):
+        # PEFT's layout (A a full-kernel conv, B a 1x1 conv), so the adapter exports exactly; a
+        # grouped conv cannot merge in it, which merge_weights=False never asks of it.
         conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
-        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, **common)
+        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, lora_layout="peft",
+                                 **common)
+    elif isinstance(module, nn.MultiheadAttention):
+        new = MultiheadAttention.from_mha(module, lora_dropout=config.lora_dropout, **common)
+        if isinstance(new.out_proj, LoRALayer):
+            _keep_base(new.out_proj, module.out_proj)
     else:
         if config.fan_in_fan_out and not is_hf_conv1d(module):
             logger.warning("%s is nn.Linear (weight (out, in)); ignoring fan_in_fan_out=True", name)
         new = _dense_linear_lora(module, config, slice_spec, common)
-    # Keep the original module (minus its parameters, which now live in the LoRA layer, or were
-    # quantized and freed) so merge_and_unload returns the very class it replaced, hooks and
-    # attributes included.
+    return _keep_base(new, module)
+
+
+def _keep_base(new: LoRALayer, module: nn.Module) -> LoRALayer:
+    """Keep the original module (minus its parameters, which now live in the LoRA layer, or were
+    quantized and freed) so merge_and_unload returns the very class it replaced, hooks and
+    attributes included."""
     for key in module._parameters:
         module._parameters[key] = None
     new.__dict__[BASE_ATTR] = module
@@ -131,6 +164,8 @@ def plain_module(layer: LoRALayer) -> nn.Module:
         base.train(layer.training)
         return base
     # A layer built by hand (not by inject_lora): rebuild its torch class around the same tensors.
+    if isinstance(layer, nn.MultiheadAttention):
+        return _plain_mha(layer)
     weight, bias = layer.weight, getattr(layer, "bias", None)
     with torch.device("meta"):
         if isinstance(layer, nn.Linear):
@@ -148,5 +183,19 @@ def plain_module(layer: LoRALayer) -> nn.Module:
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
+    plain.train(layer.training)
+    return plain
+
+
+def _plain_mha(layer: MultiheadAttention) -> nn.MultiheadAttention:
+    """A hand-built LoRA ``MultiheadAttention`` as the torch module, around the same tensors."""
+    with torch.device("meta"):
+        plain = nn.MultiheadAttention(layer.embed_dim, layer.num_heads, dropout=layer.dropout,
+                                      add_bias_kv=layer.bias_k is not None,
+                                      add_zero_attn=layer.add_zero_attn, batch_first=layer.batch_first)
+    for key in plain._parameters:
+        plain._parameters[key] = layer._parameters.get(key)
+    out = layer.out_proj
+    plain.out_proj = plain_module(out) if isinstance(out, LoRALayer) else out
     plain.train(layer.training)
     return plain

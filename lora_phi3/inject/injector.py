@@ -30,9 +30,13 @@ from ..utils import mark_only_lora_as_trainable
 logger = logging.getLogger(__name__)
 
 __all__ = ["inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
-           "get_lora_config", "lora_modules", "check_not_disabled", "SliceSpec", "CONFIG_ATTR"]
+           "get_lora_config", "lora_modules", "check_not_disabled", "SliceSpec", "CONFIG_ATTR",
+           "ADAPTERS_ATTR", "ACTIVE_ATTR", "check_adapter_name"]
 
 CONFIG_ATTR = "_lora_phi3_config"  # where inject_lora keeps the (resolved) config on the model
+# Named adapters (inject.named): {name: resolved LoraConfig}, and the active adapter's name.
+ADAPTERS_ATTR = "_lora_phi3_adapters"
+ACTIVE_ATTR = "_lora_phi3_active_adapter"
 # Where inject_lora records the input-recompute hooks it added: {module path: [hook ids]}. Paths and
 # ids, not handles: a deepcopy of the model copies its hook dicts with the same ids, while a handle
 # would still point at the original's dicts.
@@ -103,7 +107,15 @@ def _remove_input_grad_hooks(model: nn.Module) -> None:
 
 
 # -- public API -----------------------------------------------------------------------------------
-def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = True) -> nn.Module:
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter (a non-empty str without ``"."``), else ``ValueError``."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    return name
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = True,
+                adapter_name: str = "default") -> nn.Module:
     """Swap the modules ``config`` selects for LoRA layers, in place, and freeze everything else.
 
     Weights are shared with the new layers, not copied. Afterwards only the LoRA parameters, the
@@ -123,6 +135,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
         config: what to adapt. ``target_modules=None`` means ``phi3.DEFAULT_TARGETS`` on Phi-3.
         input_recompute: False opts out of the lean path (every adapter saves its own input);
             a run option, not part of the adapter, so it is not stored in ``config``.
+        adapter_name: the adapter's name (PEFT's ``"default"``); more adapters join with
+            :func:`~lora_phi3.inject.named.add_adapter`.
 
     Returns:
         ``model`` itself; :func:`get_lora_config` returns the config with targets resolved.
@@ -138,6 +152,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
         raise TypeError(f"inject_lora needs a LoraConfig, got {type(config).__name__}")
     if not isinstance(input_recompute, bool):
         raise TypeError(f"inject_lora: input_recompute must be a bool, got {input_recompute!r}")
+    check_adapter_name(adapter_name)
     existing = [n or "<root>" for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     if existing or getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} already has LoRA layers ({existing[:3]}...); "
@@ -166,6 +181,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
     for name, spec in plan.items():
         module = model.get_submodule(name)
         new = make_lora_module(module, name, config, spec)
+        new.active_adapter = adapter_name
         for path in paths[id(module)]:  # a shared module is replaced everywhere it is used
             _replace(model, path, new)
     mark_only_lora_as_trainable(model, config.bias)
@@ -177,7 +193,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
         embeddings.register_forward_hook(_inputs_require_grad)
     if input_recompute:
         _add_recompute_hooks(model)
-    setattr(model, CONFIG_ATTR, dataclasses.replace(config, target_modules=targets))
+    resolved = dataclasses.replace(config, target_modules=targets)
+    setattr(model, CONFIG_ATTR, resolved)
+    setattr(model, ADAPTERS_ATTR, {adapter_name: resolved})
+    setattr(model, ACTIVE_ATTR, adapter_name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("inject_lora: adapted %d modules; %d of %d parameters trainable (%.3f%%)",
@@ -338,5 +357,6 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
             else:
                 _replace(model, path, plain)
     _remove_input_grad_hooks(model)
-    model.__dict__.pop(CONFIG_ATTR, None)
+    for attr in (CONFIG_ATTR, ADAPTERS_ATTR, ACTIVE_ATTR):
+        model.__dict__.pop(attr, None)
     return model

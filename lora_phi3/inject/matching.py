@@ -4,7 +4,10 @@ A list of names matches dotted-path suffixes (``"qkv_proj"`` matches
 ``model.layers.0.self_attn.qkv_proj``); one string is a regex ``re.fullmatch``-ed against the full
 path; ``"all-linear"`` takes every linear-like module except the LM head. ``exclude_modules`` and
 ``layers_to_transform`` narrow the choice. On Phi-3 the fused projections also answer to their
-slice names (``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.inject.phi3`). A target that
+slice names (``q_proj`` is rows of ``qkv_proj``, see :mod:`lora_phi3.inject.phi3`). An
+``nn.MultiheadAttention`` is targeted by its own name (its ``in_proj_weight`` and ``out_proj`` are
+adapted together, as in PEFT). ``trainable_token_indices`` adds the embeddings it names
+(:class:`TokenSpec`). A target that
 matches nothing is an error that lists what the model has. A subclass of a supported type that
 defines its own ``forward`` (a MoE router) is never swapped: ``"all-linear"`` skips it, and naming
 it is an error. The same suffix rules decide which parameters ``modules_to_save`` covers, in the
@@ -23,18 +26,20 @@ import torch.nn as nn
 
 from . import phi3
 from ..config import LoraConfig
+from ..layers.tokens import check_token_indices
+from ..layers import LoRALayer
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SliceSpec", "SUPPORTED_TYPES", "plan_targets", "saved_module_names", "adaptable_names",
+__all__ = ["SliceSpec", "TokenSpec", "SUPPORTED_TYPES", "plan_targets", "saved_module_names", "adaptable_names",
            "is_supported", "is_linear_like", "is_hf_conv1d", "overridden_forward", "matched_entries",
            "matches", "under_any"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' "
-                   "GPT-2 Conv1D")
+SUPPORTED_TYPES = ("nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention "
+                   "and transformers' GPT-2 Conv1D")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -43,6 +48,12 @@ class SliceSpec(NamedTuple):
 
     split_sizes: list[int]
     enable_lora: list[bool]
+
+
+class TokenSpec(NamedTuple):
+    """An embedding whose rows ``token_indices`` are trained (``LoraConfig.trainable_token_indices``)."""
+
+    token_indices: list[int]
 
 
 # -- what can be adapted --------------------------------------------------------------------------
@@ -65,7 +76,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def is_supported(module: nn.Module) -> bool:
     """True if ``module``'s type is one a LoRA layer exists for (see ``SUPPORTED_TYPES``)."""
-    return is_linear_like(module) or isinstance(module, (nn.Embedding, *_CONV_TYPES))
+    return is_linear_like(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention,
+                                                         *_CONV_TYPES))
 
 
 def overridden_forward(module: nn.Module) -> type | None:
@@ -85,7 +97,8 @@ def overridden_forward(module: nn.Module) -> type | None:
         for the base classes themselves, subclasses that keep their forward, and other types.
     """
     conv1d = _hf_conv1d_class()
-    for base in (nn.Linear, nn.Embedding, *_CONV_TYPES, *([conv1d] if conv1d is not None else [])):
+    for base in (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONV_TYPES,
+                 *([conv1d] if conv1d is not None else [])):
         if isinstance(module, base):
             return base if type(module).forward is not base.forward else None
     return None
@@ -93,9 +106,18 @@ def overridden_forward(module: nn.Module) -> type | None:
 
 def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
     """Why ``module`` cannot take an adapter, or None if it can."""
+    if isinstance(module, LoRALayer):  # already adapted: it takes more named adapters
+        return None
     if not is_supported(module):
         return f"its type {type(module).__name__} is not supported; supported: {SUPPORTED_TYPES}"
-    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return (f"its q, k and v weights are separate (kdim={module.kdim}, vdim={module.vdim}, "
+                    f"embed_dim={module.embed_dim}); LoRA on nn.MultiheadAttention needs the fused "
+                    "in_proj_weight, as in PEFT")
+        weight = module.in_proj_weight
+    else:
+        weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         kind = type(weight).__name__ if not isinstance(weight, torch.Tensor) else weight.dtype
         return f"its weight is {kind}, not a floating-point tensor (already quantized?)"
@@ -108,7 +130,8 @@ def _unsupported_reason(model: nn.Module, name: str, module: nn.Module) -> str |
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):
         # MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward.
-        return "nn.MultiheadAttention uses its out_proj weight without calling the module"
+        return ("nn.MultiheadAttention uses its out_proj weight without calling the module; target "
+                f"the attention module itself ({parent_name!r}), which adapts in_proj and out_proj")
     return None
 
 
@@ -121,6 +144,15 @@ def adaptable_names(model: nn.Module, slice_map: dict[str, phi3.FusedSlices]) ->
             for alias in slice_map.get(name, phi3.FusedSlices([], ())).slice_names:
                 names[alias] = None
     return list(names)
+
+
+def _input_embedding_name(model: nn.Module) -> str | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    return next((n for n, m in model.named_modules() if m is embedding and n), None)
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:
@@ -177,7 +209,7 @@ def under_any(name: str, patterns: list[str] | None) -> bool:
 
 
 def plan_targets(model: nn.Module, config: LoraConfig,
-                 targets: list[str] | str) -> dict[str, SliceSpec | None]:
+                 targets: list[str] | str) -> dict[str, SliceSpec | TokenSpec | None]:
     """Which modules of ``model`` get an adapter, checked before anything is replaced.
 
     Args:
@@ -187,13 +219,14 @@ def plan_targets(model: nn.Module, config: LoraConfig,
             ``"all-linear"``).
 
     Returns:
-        Qualified module name -> its :class:`SliceSpec` (fused Phi-3 projections) or None (the
-        whole module).
+        Qualified module name -> its :class:`SliceSpec` (fused Phi-3 projections), None (the
+        whole module), or a :class:`TokenSpec` (an embedding of ``trainable_token_indices``).
 
     Raises:
         ValueError: a target matched nothing (listing what can be adapted); a matched module cannot
             take an adapter (unsupported type, non-float weight, a forward of its own, an
-            ``nn.MultiheadAttention`` projection); exclusions left nothing.
+            ``nn.MultiheadAttention`` projection); exclusions left nothing; a bad
+            ``trainable_token_indices`` (see :func:`token_plan`).
     """
     slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
     all_linear = targets == "all-linear"
@@ -261,7 +294,60 @@ def plan_targets(model: nn.Module, config: LoraConfig,
         raise ValueError(f"LoraConfig: target_modules={targets!r} matched modules, but "
                          f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
                          f"{config.layers_to_transform!r} left none to adapt")
-    return plan
+    return {**plan, **token_plan(model, config, plan)}
+
+
+def token_plan(model: nn.Module, config: LoraConfig,
+               plan: dict[str, SliceSpec | None]) -> dict[str, TokenSpec]:
+    """The embeddings ``config.trainable_token_indices`` selects, with their token ids.
+
+    A list of ids selects the model's input embeddings (``get_input_embeddings()``); a dict maps
+    names, matched as dotted-path suffixes, to ids.
+
+    Raises:
+        ValueError: a name matched nothing, or matched a module that is not a plain
+            ``nn.Embedding``, that is also a LoRA target, or whose table is tied to another module;
+            a list on a model without ``get_input_embeddings``; ids out of range.
+    """
+    spec = config.trainable_token_indices
+    if spec is None:
+        return {}
+    if isinstance(spec, list):
+        name = _input_embedding_name(model)
+        if name is None:
+            raise ValueError(f"LoraConfig.trainable_token_indices is a list of token ids, which "
+                             f"selects the input embeddings, but {type(model).__name__} has no "
+                             "get_input_embeddings(); give {embedding name: [token ids]} instead")
+        spec = {name: spec}
+    named = dict(model.named_modules())
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append((mname, module))
+    out: dict[str, TokenSpec] = {}
+    for entry, ids in spec.items():
+        where = f"LoraConfig.trainable_token_indices[{entry!r}]"
+        found = [n for n in named if n and matches(n, [entry])]
+        if not found:
+            raise ValueError(f"{where} matched no module of {type(model).__name__}")
+        for n in found:
+            module = named[n]
+            if not isinstance(module, nn.Embedding) or overridden_forward(module) is not None:
+                raise ValueError(f"{where} matched {n!r} ({type(module).__name__}); trainable tokens "
+                                 "need an nn.Embedding")
+            if n in plan:
+                raise ValueError(f"{where}: {n!r} is also a LoRA target (target_modules); an "
+                                 "embedding takes either a LoRA adapter or trainable tokens")
+            tied = [o for o, m in owners.get(id(module.weight), []) if m is not module]
+            if tied:
+                raise ValueError(f"{where}: the table of {n!r} is tied to {tied}; trainable tokens on "
+                                 "tied weights are not supported (untie them first)")
+            check_token_indices(ids, module.num_embeddings, where)
+            if n in out and out[n].token_indices != ids:
+                raise ValueError(f"{where}: {n!r} is selected by two entries with different ids")
+            out[n] = TokenSpec(list(ids))
+    return out
 
 
 def saved_module_names(model: nn.Module, config: LoraConfig, plan: dict) -> list[str]:

@@ -2,7 +2,8 @@
 
 - :mod:`.base`: :class:`LoRALayer` (shared state, merge protocol, ``adapter_params``) and
   :func:`lora_layers`;
-- :mod:`.linear`, :mod:`.embedding`, :mod:`.conv`: the layers;
+- :mod:`.linear`, :mod:`.embedding`, :mod:`.conv`, :mod:`.mha`: the layers;
+- :mod:`.tokens`: trainable tokens (new values for chosen rows of an embedding);
 - :mod:`.lora_function`: the one LoRA computation of every linear-like layer (fused and plain);
 - :mod:`.slices`: how a fused projection's adapters are laid out per slice (:func:`iter_slices`);
 - :mod:`.dropout_mask`, :mod:`.recompute`: what the fused path keeps for backward.
@@ -12,9 +13,12 @@ from .base import LoRALayer, lora_layers
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear, MergedLinear
+from .mha import MultiheadAttention
 from .lora_function import lora_linear
 from .recompute import enable_input_recompute
 from .slices import LoraSlice, iter_slices
+from .tokens import TrainableTokens
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
+           "MultiheadAttention", "TrainableTokens",
            "lora_linear", "enable_input_recompute", "lora_layers", "LoraSlice", "iter_slices"]

@@ -88,6 +88,11 @@ class LoRALayer(nn.Module):
 
     r: int
     weight: torch.Tensor | None
+    #: The name of the adapter the layer computes with (see :mod:`.named`); others are stored in
+    #: ``lora_adapters``.
+    active_adapter: str | None = "default"
+    #: While :func:`lora_phi3.mixed_batch` runs: ``(names per row, [(name, rows), ...])``.
+    mixed_groups = None
 
     #: True for the layer kinds that implement DoRA (``use_dora=True``).
     supports_dora: bool = False

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoRALayer, new_lora_param
+from .named import mixed_forward
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "LORA_LAYOUTS"]
 
@@ -147,6 +148,8 @@ class _ConvLoRA(LoRALayer):
         return self._conv_fn(h, self.lora_B, None, groups=self.groups)  # (N, C_out, *S_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed_groups is not None:  # rows with different adapters (lora_phi3.mixed_batch)
+            return mixed_forward(self, x, self.forward)
         if not self.lora_active:
             return self._conv_forward(x, self.weight, self.bias)
         if self.lora_layout == "peft":

@@ -63,15 +63,17 @@ def dora_norm(base, row_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     acc = torch.promote_types(lora_A.dtype, torch.float32)
     A, B = lora_A.to(acc), lora_B.to(acc)
     r = A.shape[0] // len(slices)
-    if isinstance(base, torch.Tensor):
-        # (r*k, out) = A W^T, in the accumulation dtype (a 16-bit base is widened for it)
-        wa = base_linear(A, base if base.dtype == acc else base.to(acc), None)
-    else:  # a quantized base multiplies in its compute dtype, dequantising block by block
-        wa = base_linear(A.to(base.compute_dtype), base, None).to(acc)
+    dense = isinstance(base, torch.Tensor)
+    if not dense:  # a quantized base multiplies in its compute dtype, dequantising block by block
+        wa = base_linear(A.to(base.compute_dtype), base, None).to(acc)  # (r*k, out) = A W^T
     norms = []
     for s in iter_slices(slices, r):
         A_i, B_i = A[s.a_rows], B[s.b_rows]  # (r, in), (size, r)
-        wa_i = wa[s.a_rows, s.start:s.start + s.size].T  # (size, r) = W_i A_i^T
+        if dense:  # only this slice's rows, in the accumulation dtype (16-bit bases widened)
+            W_i = base[s.out_rows]
+            wa_i = base_linear(A_i, W_i if W_i.dtype == acc else W_i.to(acc), None).T
+        else:
+            wa_i = wa[s.a_rows, s.start:s.start + s.size].T  # (size, r) = W_i A_i^T
         cross = (B_i * wa_i).sum(1)
         quad = ((B_i @ (A_i @ A_i.T)) * B_i).sum(1)
         sq = row_sq[s.start:s.start + s.size].to(acc) + 2 * scaling * cross + scaling ** 2 * quad

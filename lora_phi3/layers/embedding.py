@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoRALayer, new_lora_param
+from .named import mixed_forward
 
 __all__ = ["Embedding"]
 
@@ -74,6 +75,8 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Indices ``(...)`` -> embeddings ``(..., embedding_dim)``."""
+        if self.mixed_groups is not None:  # rows with different adapters (lora_phi3.mixed_batch)
+            return mixed_forward(self, x, self.forward)
         result = nn.Embedding.forward(self, x)  # (..., dim)
         if not self.lora_active:
             return result

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .base import LoRALayer, is_data_init, new_lora_param
+from .named import mixed_forward
 from .data_init import olora_factors, parse_init_lora_weights, pissa_factors, to_original_base
 from .dora import dora_norm, dora_rescale, weight_row_sq
 from .lora_function import apply_lora_linear, base_linear
@@ -252,9 +253,20 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         return cached[1]
 
     def _dora_norm(self) -> torch.Tensor:
-        """``||W_i + s B_i A||`` per adapted row, detached, fp32 (see :func:`~.dora.dora_norm`)."""
-        return dora_norm(self._frozen_base(), self._base_row_sq(), self.lora_A, self.lora_B,
-                         self.scaling, self.lora_slices)
+        """``||W_i + s B_i A||`` per adapted row, detached, fp32 (see :func:`~.dora.dora_norm`).
+
+        Cached until ``A``, ``B``, the base or the scaling change (an optimizer step bumps the
+        tensors' versions), so generation with an unmerged DoRA layer computes it once."""
+        A, B = self.lora_A, self.lora_B
+        row_sq = self._base_row_sq()
+        key = (A.data_ptr(), A._version, B.data_ptr(), B._version, id(row_sq), self.scaling,
+               self.lora_slices)
+        cached = self.__dict__.get("_dora_norm_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, dora_norm(self._frozen_base(), row_sq, A, B, self.scaling,
+                                     self.lora_slices))
+            self.__dict__["_dora_norm_cache"] = cached
+        return cached[1]
 
     def dora_gain(self) -> torch.Tensor:
         """``m / ||W + s B A||`` per adapted row ``(sum of slice sizes,)``; differentiable in ``m``."""
@@ -307,6 +319,8 @@ class _LinearLoRA(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features) -> (..., out_features)``; the adapter never forms the dense delta."""
+        if self.mixed_groups is not None:  # rows with different adapters (lora_phi3.mixed_batch)
+            return mixed_forward(self, x, self.forward)
         base = self._frozen_base()
         if not self.lora_active:
             return base_linear(x, base, self.bias)

@@ -15,7 +15,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from lora_phi3 import atomic
 from lora_phi3.adapters import adapter_state_dict, load_adapter, save_adapter
-from lora_phi3.config import LoraConfig
+from lora_phi3.config import VARIANT_DEFAULTS, LoraConfig
 from lora_phi3.inject import get_lora_config, inject_lora, lora_modules, merge_lora, unmerge_lora
 from tiny import adapted, dense_reference, logits, randomize, tiny_phi3
 
@@ -88,9 +88,9 @@ def test_file_holds_only_lora_tensors_as_safetensors(tmp_path):
     assert doc["sha256"] == hashlib.sha256(data).hexdigest() and doc["num_bytes"] == len(data)
     assert doc["lora_config"] == get_lora_config(model).to_file_dict()
     # plain LoRA files are as before the variants: their switches are left out at the defaults
-    assert not {"use_rslora", "init_lora_weights", "use_dora"} & set(doc["lora_config"])
-    assert {**doc["lora_config"], "use_rslora": False, "init_lora_weights": True,
-            "use_dora": False} == \
+    assert not set(VARIANT_DEFAULTS) & set(doc["lora_config"])
+    assert {"use_rslora", "init_lora_weights", "use_dora"} <= set(VARIANT_DEFAULTS)
+    assert {**doc["lora_config"], **VARIANT_DEFAULTS} == \
         get_lora_config(model).to_dict()
     qkv = doc["modules"]["model.layers.0.self_attn.qkv_proj"]
     assert qkv["type"] == "MergedLinear" and qkv["split_sizes"] == [64, 16, 16]

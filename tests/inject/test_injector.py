@@ -40,8 +40,10 @@ def ids(vocab=20, shape=(2, 7)):
 
 CASES = {  # name: (model builder, config builder, inputs builder)
     "mlp": (TinyNet, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "embed"]), ids),
-    "conv": (ConvNet, lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["conv1", "conv2", "conv2g",
-                                                                             "conv3"]), conv_inputs),
+    # conv2g (groups=2) is left out: in PEFT's conv layout, which inject_lora uses, a grouped conv
+    # cannot merge (test_grouped_conv_adapts_but_refuses_to_merge).
+    "conv": (ConvNet, lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["conv1", "conv2", "conv3"]),
+             conv_inputs),
     "gpt2": (tiny_gpt2, lambda: LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc", "wpe"]),
              lambda: ids(100)),
 }
@@ -116,8 +118,8 @@ def test_dense_reference_for_every_layer_type():
     tok = torch.tensor([[0, 5, 19]])
     torch.testing.assert_close(emb(tok), table[tok], atol=1e-5, rtol=1e-5)
 
-    conv = convs.conv2
-    Wc = conv.weight + 2.5 * (conv.lora_B @ conv.lora_A).view(conv.weight.shape)
+    conv = convs.conv2  # PEFT's layout: A (r, in, *k), B (out, r, 1, 1)
+    Wc = conv.weight + 2.5 * (conv.lora_B.flatten(1) @ conv.lora_A.flatten(1)).view(conv.weight.shape)
     xc = torch.randn(2, 3, 6, 5)
     torch.testing.assert_close(conv(xc), F.conv2d(xc, Wc, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
 
@@ -128,6 +130,24 @@ def test_dense_reference_for_every_layer_type():
     torch.testing.assert_close(c_attn(xg), xg @ Wg + c_attn.bias, atol=1e-5, rtol=1e-5)
     merge_lora(gpt)
     torch.testing.assert_close(c_attn.weight, Wg.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_grouped_conv_adapts_but_refuses_to_merge():
+    """PEFT's layout on a grouped conv: A spans every input channel, B is a grouped 1x1 conv, so
+    the update has no grouped kernel form. The forward is the two convolutions; merging is refused
+    before any weight changes."""
+    torch.manual_seed(0)
+    convs = inject_lora(ConvNet(), LoraConfig(r=2, lora_alpha=3, target_modules=["conv2g"]))
+    randomize_lora(convs, seed=5)
+    conv, x = convs.conv2g, torch.randn(2, 8, 6, 5)
+    assert conv.lora_A.shape == (2, 8, 3, 1) and conv.lora_B.shape == (4, 1, 1, 1)
+    lora = F.conv2d(F.conv2d(x, conv.lora_A), conv.lora_B, groups=2)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, groups=2) + 1.5 * lora,
+                               atol=1e-5, rtol=1e-5)
+    before = conv.weight.clone()
+    with pytest.raises(ValueError, match="groups=2 has no dense update"):
+        merge_lora(convs)
+    assert torch.equal(conv.weight, before) and not conv.merged
 
 
 def test_disable_lora_gives_base_outputs_and_restores_state():
