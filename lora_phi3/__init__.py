@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from .layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear,
-                     enable_input_recompute)
+                     MultiheadAttention, TrainableTokens, enable_input_recompute)
 from .utils import (TrainingDiverged, check_finite_step, lora_state_dict,
                     mark_only_lora_as_trainable)
 from .config import LoraConfig
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
+    "MultiheadAttention", "TrainableTokens",
     "mark_only_lora_as_trainable", "lora_state_dict",
     "check_finite_step", "TrainingDiverged", "DiskFullError",
     "LoraConfig", "inject_lora", "disable_lora", "merge_lora", "unmerge_lora", "merge_and_unload",

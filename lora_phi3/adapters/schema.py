@@ -70,6 +70,9 @@ MODULE_FIELDS: dict[str, tuple[Any, str]] = {
     "split_sizes": (_int_list, "a non-empty list of ints >= 1"),
     "enable_lora": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, bool) for x in v),
                     "a non-empty list of bools"),
+    "lora_layout": (lambda v: v in ("loralib", "peft"), "'loralib' or 'peft'"),
+    "token_indices": (lambda v: isinstance(v, list) and bool(v) and all(is_int(x, 0) for x in v),
+                      "a non-empty list of ints >= 0"),
 }
 _REQUIRED_MODULE_FIELDS = ("type", "kind", "r", "lora_alpha", "scaling")
 

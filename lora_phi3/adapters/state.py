@@ -82,6 +82,10 @@ def module_meta(module: LoRALayer) -> dict[str, Any]:
     if isinstance(module, MergedLinear):
         meta["split_sizes"] = list(module.split_sizes)
         meta["enable_lora"] = list(module.enable_lora)
+    if hasattr(module, "lora_layout"):  # a conv's factorisation: loralib's or PEFT's
+        meta["lora_layout"] = module.lora_layout
+    if hasattr(module, "token_indices"):  # trainable tokens: which rows the values replace
+        meta["token_indices"] = [int(i) for i in module.token_indices]
     return meta
 
 

@@ -28,8 +28,11 @@ __all__ = ["FLOAT_DTYPES", "dtype_name", "decode_safetensors", "read_json", "non
            "check_against_model", "check_modules", "check_config", "check_modules_exist",
            "unlisted_module_tensors"]
 
-# The tensors every LoRA layer holds (variants may add more: LoRALayer.adapter_param_names).
+# The tensors every LoRA layer holds (variants may add more: LoRALayer.adapter_param_names),
+# and the layer kinds that hold others instead.
 _LORA_PARAMS = ("lora_A", "lora_B")
+_KIND_PARAMS = {"TrainableTokens": ("token_values",)}
+_ANY_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "token_values")
 
 # The dtypes an adapter tensor may have (anything else is refused, never cast).
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -150,14 +153,16 @@ def check_modules(model: nn.Module, modules: dict[str, Any], strict: bool = True
 
 def unlisted_module_tensors(modules: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """Where a file disagrees with itself: LoRA tensors of a module its ``modules`` does not
-    list, or a listed module without its ``lora_A``/``lora_B`` tensors."""
+    list, or a listed module without its ``lora_A``/``lora_B`` tensors (``token_values`` for
+    trainable tokens)."""
     problems = []
     for key in sorted(tensors):
         name, _, leaf = key.rpartition(".")
-        if leaf in _LORA_PARAMS and name not in modules:
+        if leaf in _ANY_PARAMS and name not in modules:
             problems.append(f"tensor {key} belongs to no entry of modules")
     for name in sorted(modules):
-        absent = [k for k in (f"{name}.{p}" if name else p for p in _LORA_PARAMS) if k not in tensors]
+        needed = _KIND_PARAMS.get(modules[name].get("kind"), _LORA_PARAMS)
+        absent = [k for k in (f"{name}.{p}" if name else p for p in needed) if k not in tensors]
         if absent:
             problems.append(f"modules[{name!r}] has no tensors {absent}")
     return problems

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .model_kwargs import ATTN_IMPLEMENTATIONS, TORCH_DTYPES
 from .recipe import LR_SCHEDULERS, ON_BAD_ROW, flag_name
 from .run_lock import RunDirLocked
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="train LoRA adapters on chat data",
                         description="Train LoRA adapters. Without --model and --config this runs "
                                     "the offline tiny demo; flags override the recipe file.")
-    ft.add_argument("--config", help="recipe YAML with 'training' and 'lora' sections")
+    ft.add_argument("--config", help="recipe YAML with 'training', 'lora' and 'model_kwargs' "
+                                     "sections (e.g. recipes/phi4-mini.yaml)")
     ft.add_argument("--model", help="hub id or local directory (default: embedded tiny demo model, "
                                     "e.g. --model microsoft/Phi-3-mini-4k-instruct)")
     ft.add_argument("--data", help=".jsonl/.json file, directory with train.jsonl, or HF dataset "
@@ -114,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated module names, 'all-linear', or one regex")
     ft.add_argument("--quantize-base", dest="lora.quantize_base", choices=["nf4"],
                     help="store the frozen base weights in 4-bit NF4 (QLoRA)")
+    # how the model is loaded: the recipe's model_kwargs section
+    ft.add_argument("--attn-implementation", dest="model_kwargs.attn_implementation",
+                    choices=ATTN_IMPLEMENTATIONS,
+                    help="attention: sdpa (default), eager, or flash_attention_2 (needs the "
+                         "flash-attn package; not with packing)")
+    ft.add_argument("--torch-dtype", dest="model_kwargs.torch_dtype", choices=TORCH_DTYPES,
+                    help="weight dtype (default: bfloat16 with --bf16, else float32; auto = the "
+                         "checkpoint's)")
+    ft.add_argument("--use-cache", dest="model_kwargs.use_cache",
+                    action=argparse.BooleanOptionalAction, default=None,
+                    help="the model config's use_cache (default: off while training)")
+    ft.add_argument("--trust-remote-code", dest="model_kwargs.trust_remote_code",
+                    action=argparse.BooleanOptionalAction, default=None,
+                    help="run modelling code shipped with the checkpoint (default: off)")
     _add_common(ft)
 
     for name, help_ in (("merge", "fold an adapter into its base: a plain HF checkpoint directory"),
@@ -137,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     over: dict[str, Any] = {"model": args.model, "data": args.data, "output_dir": args.output_dir,
-                            "training": {}, "lora": {}}
+                            "model_kwargs": {}, "training": {}, "lora": {}}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)

@@ -52,8 +52,10 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[list[dict]],
     model.eval()
     try:
         with torch.no_grad():
+            # use_cache: generation keeps its KV cache whatever the training config says
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                                 use_cache=True)
     finally:
         model.train(was_training)
     answers = []

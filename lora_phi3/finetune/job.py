@@ -22,15 +22,14 @@ import torch
 import torch.nn as nn
 
 # The library through its public face only (``lora_phi3/__init__``): never through its internals.
-from .. import (TrainingDiverged, inject_lora, load_adapter, load_quantized_model,
-                save_adapter)
+from .. import TrainingDiverged, load_adapter, save_adapter
 from . import checkpoint as ckpt
 from .dataset import TrainingData, prepare_data
 from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
                           teardown_distributed, wrap_model)
 from .evaluation import Evaluator
 from .generate import sample_answer
-from .models import DEMO_NOTICE, count_parameters, load_model
+from .models import DEMO_NOTICE, count_parameters, load_model, load_training_model
 from .packing import collate
 from .preemption import StopSignals, TrainingInterrupted
 from .recipe import Recipe
@@ -41,9 +40,8 @@ from .run_lock import RunLock
 from .run_state import LogWindow, TrainState, set_seed
 from .summary import run_summary
 from .tokenizer import load_tokenizer
-from .train import (CausalLMLoss, StepPlan, bf16_supported, enable_gradient_checkpointing,
-                    global_batch_indices, local_micro_batches, make_optimizer,
-                    make_scheduler, plan_steps, train_step)
+from .train import (CausalLMLoss, StepPlan, bf16_supported, global_batch_indices,
+                    local_micro_batches, make_optimizer, make_scheduler, plan_steps, train_step)
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +93,15 @@ class FinetuneJob:
         self.dist = dist = setup_distributed(self.requested_device)
         if self.recipe.is_demo:
             logger.warning(DEMO_NOTICE)
+        self.recipe.model_kwargs.check_available()  # before any data is read
         if dist.is_main:
             self.lock.acquire()  # before anything reads or cleans the directory
             self._prepare_output_dir()
         barrier(dist)
         set_seed(t.seed)
 
-        self.tokenizer = load_tokenizer(self.recipe.model)
+        self.tokenizer = load_tokenizer(self.recipe.model,
+                                        trust_remote_code=self.recipe.model_kwargs.trust_remote_code)
         self.data: TrainingData = prepare_data(self.tokenizer, self.recipe)
         self.use_bf16 = t.bf16 and bf16_supported(dist.device)
         self.model = model = self._load_model()
@@ -147,26 +147,10 @@ class FinetuneJob:
         logger.info("resumed from %s at step %d", found, self.state.step)
 
     def _load_model(self) -> nn.Module:
-        recipe, dist = self.recipe, self.dist
-        # bf16 off means fp32 weights, also for checkpoints stored in bf16 (no "auto" dtype here).
-        dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        if recipe.lora.quantize_base is not None and recipe.model is not None:
-            # QLoRA on a real checkpoint: quantise projection by projection as the shards are read,
-            # never holding the whole dense model and its 4-bit copy at once (it also injects LoRA).
-            model = load_quantized_model(recipe.model, recipe.lora, dtype=dtype,
-                                         attn_implementation="sdpa")
-        else:
-            model = load_model(recipe.model, dtype=dtype, tokenizer=self.tokenizer)
-            # Inject before moving: the adapters are then initialised by the CPU generator, so a
-            # seed gives the same run on CPU and GPU (the CUDA generator draws other numbers).
-            # inject_lora also turns input recompute on (docs/performance.md): LoRA layers fed by
-            # a norm or by SwiGLU rebuild their input in backward instead of keeping a copy.
-            inject_lora(model, recipe.lora)
-        model.to(dist.device)
-        if self.cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        model.train()
-        return model
+        # load_model is looked up in this module at each call (benchmarks/bench_finetune.py
+        # patches it to train its wide model).
+        return load_training_model(self.recipe, self.tokenizer, use_bf16=self.use_bf16,
+                                   device=self.dist.device, loader=load_model)
 
     def _restore(self, path: Path) -> None:
         """Load adapter, optimizer, scheduler and RNG states; refuse a checkpoint of another run."""

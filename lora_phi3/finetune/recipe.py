@@ -1,9 +1,11 @@
 """Recipes: ``TrainingConfig`` (validated), the two built-in recipes, YAML files and overrides.
 
 A recipe file has a ``training`` section (:class:`TrainingConfig` fields) and a ``lora`` section
-(:class:`~lora_phi3.config.LoraConfig` fields), plus optional top-level ``model`` and ``data``::
+(:class:`~lora_phi3.config.LoraConfig` fields), plus optional top-level ``model`` and ``data`` and
+a ``model_kwargs`` section (:class:`~.model_kwargs.ModelKwargs`: how the model is loaded)::
 
     model: microsoft/Phi-3-mini-4k-instruct
+    model_kwargs: {attn_implementation: sdpa, torch_dtype: bfloat16, use_cache: false}
     training: {learning_rate: 2.0e-4, batch_size: 4, ...}
     lora: {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: [qkv_proj, ...]}
 
@@ -24,8 +26,9 @@ from typing import Any
 from ..config import LoraConfig
 from ..inject.phi3 import DEFAULT_TARGETS
 from .conversations import ON_BAD_ROW_CHOICES as ON_BAD_ROW
+from .model_kwargs import ModelKwargs
 
-__all__ = ["TrainingConfig", "Recipe", "load_recipe", "PHI3_MINI_TRAINING", "PHI3_MINI_LORA",
+__all__ = ["TrainingConfig", "Recipe", "ModelKwargs", "load_recipe", "PHI3_MINI_TRAINING", "PHI3_MINI_LORA",
            "DEMO_TRAINING", "DEMO_LORA", "LR_SCHEDULERS", "ON_BAD_ROW", "flag_name"]
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
@@ -208,6 +211,7 @@ class Recipe:
         output_dir: where checkpoints, the adapter, metrics and the summary go.
         training: the loop's hyper-parameters.
         lora: the adapters.
+        model_kwargs: how the model is loaded (attention, dtype, cache, remote code).
     """
 
     model: str | None = None
@@ -215,6 +219,7 @@ class Recipe:
     output_dir: str = "lora-phi3-output"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(**PHI3_MINI_LORA))
+    model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
 
     @property
     def is_demo(self) -> bool:
@@ -222,10 +227,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "output_dir": self.output_dir,
-                "training": self.training.to_dict(), "lora": self.lora.to_dict()}
+                "model_kwargs": self.model_kwargs.to_dict(), "training": self.training.to_dict(),
+                "lora": self.lora.to_dict()}
 
 
-_TOP_LEVEL = ("model", "data", "output_dir", "training", "lora")
+_TOP_LEVEL = ("model", "data", "output_dir", "model_kwargs", "training", "lora")
+_SECTIONS = ("model_kwargs", "training", "lora")
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -260,8 +267,9 @@ def load_recipe(path: str | os.PathLike | None = None, *,
 
     Args:
         path: recipe YAML; None uses only the built-in defaults.
-        overrides: ``{"model": ..., "data": ..., "output_dir": ..., "training": {...},
-            "lora": {...}}``, e.g. from command-line flags; None values are ignored.
+        overrides: ``{"model": ..., "data": ..., "output_dir": ..., "model_kwargs": {...},
+            "training": {...}, "lora": {...}}``, e.g. from command-line flags; None values are
+            ignored.
 
     Returns:
         The validated recipe. Its defaults are the Phi-3 card recipe when a model is set (in the
@@ -272,17 +280,23 @@ def load_recipe(path: str | os.PathLike | None = None, *,
     """
     file_data = read_recipe_file(path) if path is not None else {}
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for key in ("training", "lora"):
+    for key in _SECTIONS:
         for src in (file_data, over):
             if key in src and src[key] is not None and not isinstance(src[key], dict):
                 raise ValueError(f"the {key!r} section must be a mapping, got {src[key]!r}")
     model = over.get("model", file_data.get("model"))
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ValueError(f"model must be a hub id or a local directory (a string), got {model!r}; "
+                         "loading settings go in the 'model_kwargs' section (attn_implementation, "
+                         "torch_dtype, use_cache, trust_remote_code)")
     demo = model is None
     training = {**(DEMO_TRAINING if demo else PHI3_MINI_TRAINING)}
     lora = {**(DEMO_LORA if demo else PHI3_MINI_LORA)}
+    model_kwargs: dict[str, Any] = {}
     for src in (file_data, over):
         training.update({k: v for k, v in (src.get("training") or {}).items()})
         lora.update({k: v for k, v in (src.get("lora") or {}).items()})
+        model_kwargs.update({k: v for k, v in (src.get("model_kwargs") or {}).items()})
     # Giving epochs without max_steps at a higher level means "train for epochs".
     t_over = over.get("training") or {}
     if "epochs" in t_over and "max_steps" not in t_over:
@@ -291,10 +305,13 @@ def load_recipe(path: str | os.PathLike | None = None, *,
     unknown = sorted(set(training) - known)
     if unknown:
         raise ValueError(f"training: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    training_config = TrainingConfig(**training)
+    loading = ModelKwargs.from_dict(model_kwargs)
+    loading.check_packing(training_config.packing)
     return Recipe(model=model, data=over.get("data", file_data.get("data")),
                   output_dir=str(over.get("output_dir", file_data.get("output_dir",
                                                                       "lora-phi3-output"))),
-                  training=TrainingConfig(**training), lora=_lora_config(lora))
+                  training=training_config, lora=_lora_config(lora), model_kwargs=loading)
 
 
 def _lora_config(fields: dict[str, Any]) -> LoraConfig:

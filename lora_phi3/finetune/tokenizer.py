@@ -65,13 +65,16 @@ def _embedded_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerFast:
+def load_tokenizer(name_or_path: str | None = None, *,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer with a chat template and a pad token.
 
     Args:
         name_or_path: ``None`` for the embedded offline tokenizer (byte-level BPE,
             Phi-3 special tokens, eos = pad = ``<|endoftext|>``); otherwise anything
             ``AutoTokenizer.from_pretrained`` accepts (hub id or local directory).
+        trust_remote_code: allow tokenizer code shipped with the checkpoint (the recipe's
+            ``model_kwargs.trust_remote_code``).
 
     Returns:
         A ``transformers`` fast tokenizer (``is_fast`` is required for offset mapping).
@@ -88,7 +91,7 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerFast:
         raise TypeError(
             f"tokenizer name_or_path must be None or a non-empty string, got {name_or_path!r}"
         )
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if not getattr(tok, "is_fast", False):
         raise ValueError(
             f"tokenizer {name_or_path!r} is not a fast tokenizer ({type(tok).__name__}); "

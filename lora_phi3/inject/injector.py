@@ -24,7 +24,8 @@ from ..config import LoraConfig
 from ..layers import LoRALayer, enable_input_recompute, lora_layers
 from ..layers.base import is_data_init
 from .factory import make_lora_module, plain_module, quantized_check, quantized_factory
-from .matching import SliceSpec, adaptable_names, is_hf_conv1d, plan_targets, saved_module_names
+from .matching import (SliceSpec, TokenSpec, adaptable_names, is_hf_conv1d, plan_targets,
+                       saved_module_names)
 from ..utils import mark_only_lora_as_trainable
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
     plan = plan_targets(model, config, targets)
     check = quantized_check(config)
     if check is not None:
-        for name in plan:  # every refusal happens here, before the first replacement
-            check(model.get_submodule(name), name)
+        for name, spec in plan.items():  # every refusal happens here, before the first replacement
+            if not isinstance(spec, TokenSpec):  # trainable tokens keep their dense table
+                check(model.get_submodule(name), name)
     if is_data_init(config.init_lora_weights):
         _check_data_init_rank(model, config, plan)
     to_save = saved_module_names(model, config, plan)
@@ -208,6 +210,8 @@ def _check_data_init_rank(model: nn.Module, config: LoraConfig, plan: dict) -> N
     """PiSSA/OLoRA take ``r`` singular vectors (QR columns) of each adapted slice: refuse, before
     any base is rewritten into a residual, a slice narrower than ``r`` or a non-linear target."""
     for name, spec in plan.items():
+        if isinstance(spec, TokenSpec):  # trainable tokens: rows of a table, no factorisation
+            continue
         module = model.get_submodule(name)
         weight = getattr(module, "weight", None)
         if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or weight is None \
@@ -290,8 +294,15 @@ def merge_lora(model: nn.Module, safe_merge: bool = True) -> None:
         if bad:
             raise ValueError(f"safe_merge refused: merged weights would contain NaN or Inf in {bad}; "
                              "no weight was changed")
-    for layer in pending.values():
-        layer.merge(safe_merge=False)
+    done = []
+    try:
+        for layer in pending.values():
+            layer.merge(safe_merge=False)
+            done.append(layer)
+    except ValueError:  # a layer that cannot merge (e.g. a grouped conv in PEFT's layout)
+        for layer in reversed(done):
+            layer.unmerge()  # bit for bit: the model is as it was
+        raise
 
 
 @torch.no_grad()
