@@ -155,7 +155,7 @@ def clean_partial_checkpoints(output_dir: str | os.PathLike) -> None:
 # -- write / read --------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
                     write_adapter: Callable[[Path], None],
-                    optimizer: torch.optim.Optimizer,
+                    optimizer: torch.optim.Optimizer | dict[str, Any],
                     scheduler: Any,
                     rng_states: list[dict[str, Any]],
                     trainer_state: dict[str, Any],
@@ -166,7 +166,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
         output_dir: the run directory.
         step: optimizer steps done.
         write_adapter: writes the adapter files into the directory it is given.
-        optimizer, scheduler: their ``state_dict()`` is saved with ``torch.save``.
+        optimizer, scheduler: their ``state_dict()`` is saved with ``torch.save`` (``optimizer``
+            may be that state dict already: FSDP2 gathers it first).
         rng_states: one :func:`capture_rng_state` dict per rank (index = rank).
         trainer_state: JSON-serialisable loop state (step, data position, totals).
         save_total_limit: keep at most this many checkpoints (None/0: all).
@@ -183,7 +184,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
     # Serialised in memory first (torch.save on a full disk fails with a RuntimeError that names
     # neither the file nor the cause), so every byte goes through write_synced, and the size of
     # what is still to be written is known if the disk fills up.
-    files = [("optimizer.pt", _torch_bytes(optimizer.state_dict())),
+    optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    files = [("optimizer.pt", _torch_bytes(optimizer_state)),
              ("scheduler.pt", _torch_bytes(scheduler.state_dict())),
              *((f"rng_state_{rank}.pt", _torch_bytes(st)) for rank, st in enumerate(rng_states)),
              (STATE_FILE, (json.dumps(trainer_state, indent=2, sort_keys=True) + "\n").encode()),

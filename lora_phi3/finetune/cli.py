@@ -47,6 +47,7 @@ _TRAINING_FLAGS: list[tuple[str, type, str]] = [
 _BOOL_FLAGS: list[tuple[str, str]] = [
     ("packing", "pack examples into full rows (default) or pad per batch with --no-packing"),
     ("gradient_checkpointing", "recompute activations in backward"),
+    ("fsdp", "shard the base and adapters over the torchrun processes with FSDP2 (default: DDP)"),
     ("bf16", "bf16 base weights and autocast"),
     ("train_on_prompt", "train on prompt tokens too (default: assistant tokens only)"),
     ("eval_accuracy", "also score exact match of greedy answers at each evaluation (default: on "

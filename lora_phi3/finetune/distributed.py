@@ -4,8 +4,12 @@
 run is a single process and nothing here touches ``torch.distributed``. Backend: NCCL when CUDA
 is available, gloo otherwise. Only the main process (rank 0) writes files.
 
-:func:`wrap_model` is the single wrapping point: DDP today; FSDP can replace it without touching
-the training loop, which only calls the wrapped module and ``no_sync``.
+:func:`wrap_model` is the single wrapping point: DDP, or FSDP2 (``fully_shard``) with ``fsdp=True``;
+the training loop only calls the wrapped module and :func:`no_sync`. Under FSDP2 the frozen base and
+the adapters are sharded per decoder layer and at the root; :func:`gathered` gives every process
+whole tensors for a while (saving, evaluation), and :func:`full_optimizer_state` /
+:func:`shard_optimizer_state` turn the optimizer's state into the whole-tensor form a checkpoint
+holds, which resumes on any number of processes (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistState", "setup_distributed", "teardown_distributed", "wrap_model", "unwrap_model",
-           "all_reduce_sum", "all_reduce_max", "no_sync", "all_gather_objects", "barrier"]
+           "all_reduce_sum", "all_reduce_max", "no_sync", "all_gather_objects", "barrier",
+           "is_fsdp", "gathered", "decoder_layers", "full_optimizer_state", "shard_optimizer_state",
+           "check_fsdp"]
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,50 @@ def teardown_distributed(state: DistState) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(module: nn.Module, state: DistState) -> nn.Module:
-    """Wrap ``module`` for data-parallel training: DDP when distributed, unchanged otherwise.
+def check_fsdp(state: DistState, quantize_base: str | None = None) -> None:
+    """Refuse an ``--fsdp`` run that cannot shard, before any data or model is loaded.
+
+    Raises:
+        ValueError: a single process (no ``torchrun``, or ``--nproc_per_node 1``), or a quantized
+            base (its 4-bit storage is buffers, which FSDP2 replicates instead of sharding).
+    """
+    if not state.distributed:
+        raise ValueError("training.fsdp (--fsdp) shards the model over processes, but this run "
+                         f"has WORLD_SIZE={state.world_size}: launch it with torchrun "
+                         "--nproc_per_node N (N >= 2), or drop --fsdp")
+    if quantize_base is not None:
+        raise ValueError(f"training.fsdp (--fsdp) with lora.quantize_base={quantize_base!r} is not "
+                         "supported yet: FSDP2 shards parameters only, and the NF4 storage is "
+                         "buffers it would replicate on every process (no memory saved). Use DDP "
+                         "(drop --fsdp) for QLoRA, or FSDP with a bf16 base (--bf16)")
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face model (classes named ``*DecoderLayer``), each
+    sharded on its own so only one block is gathered at a time."""
+    return [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def wrap_model(module: nn.Module, state: DistState, fsdp: bool = False) -> nn.Module:
+    """Wrap ``module`` for data-parallel training: DDP (or FSDP2 with ``fsdp``) when distributed,
+    unchanged otherwise.
 
     DDP only synchronises parameters with ``requires_grad``, i.e. the LoRA parameters here, and
     averages their gradients over ranks (the loop scales the loss by ``world_size`` to get a sum).
+    FSDP2 (``fully_shard`` on every decoder layer, then the root) shards every parameter, frozen
+    or not, in its own dtype: a bf16 base stays bf16 and fp32 adapters stay fp32
+    (``MixedPrecisionPolicy(param_dtype=None)``), and gradients are reduce-scattered in fp32 and
+    averaged over ranks as DDP's are. The module is sharded in place and returned.
     """
+    if fsdp:
+        check_fsdp(state)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        for layer in decoder_layers(module):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+        return module
     if not state.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -118,11 +162,86 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
+def is_fsdp(module: nn.Module) -> bool:
+    """True if ``module`` was sharded by FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
 def no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` when ``skip`` (accumulation micro-batches before the last one)."""
+    """No gradient synchronisation when ``skip`` (accumulation micro-batches before the last one):
+    DDP's ``no_sync``, or FSDP2's ``set_requires_gradient_sync(False)``."""
     if skip and hasattr(module, "no_sync"):
         return module.no_sync()
+    if skip and is_fsdp(module):
+        return _fsdp_no_sync(module)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """Context in which an FSDP2-sharded ``module`` holds whole tensors on every process.
+
+    Every process must enter it (the gather is collective); inside, forwards need no collective,
+    so each process may evaluate its own rows, and ``save_adapter`` sees ordinary tensors.
+    Writes to parameters inside are not kept. No-op for a module that is not sharded.
+    """
+    mods = _fsdp_modules(module)
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield module
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded (DTensor) state gathered whole, on CPU:
+    the same form a single process writes, so it resumes on any number of processes. Collective
+    under FSDP2: every process calls it."""
+    from torch.distributed.tensor import DTensor
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy them
+    return {**state, "state": {
+        index: {key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+                for key, value in per_param.items()}
+        for index, per_param in state["state"].items()}}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """The whole-tensor ``state`` (:func:`full_optimizer_state`, or a single process's) laid out
+    like this optimizer's FSDP2 parameters: each state tensor shaped like its parameter becomes a
+    DTensor with the parameter's mesh and placements, sliced locally (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {**state, "state": {}}
+    for index, per_param in state["state"].items():
+        param = params[int(index)] if int(index) < len(params) else None
+        new = {}
+        for key, value in per_param.items():
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) \
+                    and tuple(value.shape) == tuple(param.shape):
+                value = distribute_tensor(value.to(param.device), param.device_mesh,
+                                          param.placements, src_data_rank=None)
+            new[key] = value
+        out["state"][index] = new
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor, state: DistState) -> torch.Tensor:

@@ -12,6 +12,7 @@ Outputs in ``recipe.output_dir`` (written by rank 0 only): ``checkpoint-<step>/`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,7 +26,8 @@ import torch.nn as nn
 from .. import TrainingDiverged, load_adapter, save_adapter
 from . import checkpoint as ckpt
 from .dataset import TrainingData, prepare_data
-from .distributed import (DistState, all_gather_objects, barrier, setup_distributed,
+from .distributed import (DistState, all_gather_objects, barrier, check_fsdp,
+                          full_optimizer_state, gathered, setup_distributed, shard_optimizer_state,
                           teardown_distributed, wrap_model)
 from .evaluation import Evaluator
 from .generate import sample_answer
@@ -91,6 +93,8 @@ class FinetuneJob:
         then restore a checkpoint (``resume``) or evaluate the base model."""
         t = self.cfg
         self.dist = dist = setup_distributed(self.requested_device)
+        if t.fsdp:
+            check_fsdp(dist, self.recipe.lora.quantize_base)  # before any data is read
         if self.recipe.is_demo:
             logger.warning(DEMO_NOTICE)
         self.recipe.model_kwargs.check_available()  # before any data is read
@@ -107,7 +111,12 @@ class FinetuneJob:
         self.model = model = self._load_model()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_module = CausalLMLoss(model)
-        self.wrapped = wrap_model(self.loss_module, dist)
+        found = ckpt.resolve_resume(self.out, self.resume)
+        if found is not None and t.fsdp:  # into the whole model, before it is sharded
+            load_adapter(model, found)
+        self.wrapped = wrap_model(self.loss_module, dist, fsdp=t.fsdp)
+        if t.fsdp:  # fully_shard replaced every parameter by its shard
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, t, model)
         self.plan: StepPlan = plan_steps(len(self.data.train_rows), t, dist.world_size)
         self.scheduler = make_scheduler(self.optimizer, t, self.plan.total_steps)
@@ -124,7 +133,7 @@ class FinetuneJob:
                     f"{count_parameters(model, True):,}", f"{count_parameters(model):,}",
                     plan.total_steps, plan.steps_per_epoch, plan.global_batch_size, t.batch_size,
                     t.gradient_accumulation_steps, dist.world_size)
-        self._resume_or_evaluate_base()
+        self._resume_or_evaluate_base(found)
 
     def _prepare_output_dir(self) -> None:
         """Rank 0: refuse or clear another run's files, drop killed checkpoint writes, and record
@@ -134,9 +143,12 @@ class FinetuneJob:
         ckpt.clean_partial_checkpoints(self.out)
         write_json(self.out / "recipe.json", self.recipe.to_dict())
 
-    def _resume_or_evaluate_base(self) -> None:
-        """Continue from the checkpoint ``resume`` names, or start fresh with the base eval loss."""
-        found = ckpt.resolve_resume(self.out, self.resume)
+    def _whole(self):
+        """Whole tensors on every process while inside (FSDP2; all ranks enter), else nothing."""
+        return gathered(self.wrapped) if self.cfg.fsdp else contextlib.nullcontext()
+
+    def _resume_or_evaluate_base(self, found: Path | None) -> None:
+        """Continue from checkpoint ``found`` (``resume``), or start fresh with the base eval loss."""
         if found is None:
             self.metrics.truncate_after(-1)  # a fresh start drops records of a killed attempt
             self.evaluate(0, base=True)
@@ -163,8 +175,12 @@ class FinetuneJob:
                 raise ValueError(f"--resume: {path} was written with {key}={ts.get(key)!r} but "
                                  f"this run has {key}={have!r}; an exact resume needs the same "
                                  "data, seed, global batch size and step count")
-        load_adapter(self.model, path)
-        ckpt.load_optimizer_state(self.optimizer, st["optimizer"], path)
+        optimizer_state = st["optimizer"]
+        if self.cfg.fsdp:  # the adapter went in before sharding; the optimizer state shards now
+            optimizer_state = shard_optimizer_state(self.optimizer, optimizer_state)
+        else:
+            load_adapter(self.model, path)
+        ckpt.load_optimizer_state(self.optimizer, optimizer_state, path)
         self.scheduler.load_state_dict(st["scheduler"])
         ckpt.restore_rng_state(st["rng"])
         self.state = TrainState.from_dict(ts)
@@ -259,8 +275,9 @@ class FinetuneJob:
     def evaluate(self, step: int, *, base: bool = False) -> float | None:
         """Token-mean loss on the held-out rows and, with ``eval_accuracy``, exact match of greedy
         answers (all ranks), recorded in ``metrics.jsonl``. Returns the loss."""
-        loss, n = self.evaluator.loss()
-        self.accuracy = acc = self.evaluator.accuracy()
+        with self._whole():  # FSDP2: each rank runs its own rows, so no collective per forward
+            loss, n = self.evaluator.loss()
+            self.accuracy = acc = self.evaluator.accuracy()
         rec = {"type": "eval", "step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss),
                "eval_tokens": n}
         if acc is not None:
@@ -285,6 +302,14 @@ class FinetuneJob:
         dist, plan, t, step = self.dist, self.plan, self.cfg, self.state.step
         self._check_weights_finite(step)  # a checkpoint is always one a run can go on from
         rng = all_gather_objects(ckpt.capture_rng_state(), dist)  # every rank's, in memory
+        optimizer_state = full_optimizer_state(self.optimizer)  # whole tensors (collective)
+        with self._whole():
+            self._write_checkpoint(step, rng, optimizer_state)
+        self._saved_step = step
+        barrier(dist)
+
+    def _write_checkpoint(self, step: int, rng: list, optimizer_state: dict) -> None:
+        dist, plan, t = self.dist, self.plan, self.cfg
         if dist.is_main:
             epoch, pos = divmod(step, plan.steps_per_epoch)
             trainer_state = {**self.state.to_dict(), "seed": t.seed,
@@ -293,11 +318,9 @@ class FinetuneJob:
                              "data_position": {"epoch": epoch, "batch_in_epoch": pos}}
             ckpt.save_checkpoint(self.out, step,
                                  write_adapter=lambda p: save_adapter(self.model, p),
-                                 optimizer=self.optimizer, scheduler=self.scheduler,
+                                 optimizer=optimizer_state, scheduler=self.scheduler,
                                  rng_states=rng, trainer_state=json_safe(trainer_state),
                                  save_total_limit=t.save_total_limit)
-        self._saved_step = step
-        barrier(dist)
 
     def _check_weights_finite(self, step: int) -> None:
         """Raise before NaN/inf trainable weights are saved (DDP keeps them equal on all ranks)."""
@@ -328,6 +351,11 @@ class FinetuneJob:
         self._check_weights_finite(self.state.step)  # never a non-finite final adapter
         final_loss = self.evaluate(self.plan.total_steps)
         summary = run_summary(self, final_loss)
+        with self._whole():
+            self._write_outputs(summary, final_loss)
+        return summary
+
+    def _write_outputs(self, summary: dict[str, Any], final_loss: float | None) -> None:
         if self.dist.is_main:
             out = self.out
             save_adapter(self.model, out / "adapter")
@@ -345,7 +373,6 @@ class FinetuneJob:
                         fmt_loss(summary["base_eval_loss"]), fmt_loss(final_loss), self.state.step,
                         summary["seconds"], out / "adapter")
         barrier(self.dist)
-        return summary
 
     def cleanup(self) -> None:
         """Release the run dir and leave the process group (safe after a failed ``setup``)."""

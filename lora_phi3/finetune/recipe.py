@@ -62,6 +62,9 @@ class TrainingConfig:
         packing: concatenate examples into rows of ``max_seq_length`` tokens (block-diagonal
             attention); False pads each batch to its longest example.
         gradient_checkpointing: recompute activations in the backward pass.
+        fsdp: shard the frozen base and the adapters over the ``torchrun`` processes with FSDP2
+            (``fully_shard`` per decoder layer and at the root) instead of replicating the model
+            with DDP; see ``docs/distributed.md``.
         bf16: base weights in bfloat16 and bf16 autocast (adapters stay fp32).
         logging_steps: log the training loss every this many steps (>= 1).
         eval_steps: evaluate every this many steps; 0 evaluates only before and after training.
@@ -90,6 +93,7 @@ class TrainingConfig:
     max_seq_length: int = 2048
     packing: bool = True
     gradient_checkpointing: bool = True
+    fsdp: bool = False
     bf16: bool = True
     logging_steps: int = 20
     eval_steps: int = 100
@@ -116,7 +120,7 @@ class TrainingConfig:
             self.loraplus_lr_ratio = _number(self, "loraplus_lr_ratio", low=0.0, low_open=True)
         self.max_grad_norm = _number(self, "max_grad_norm", low=0.0)
         self.max_seq_length = _int(self, "max_seq_length", low=2)
-        for name in ("packing", "gradient_checkpointing", "bf16", "train_on_prompt",
+        for name in ("packing", "gradient_checkpointing", "fsdp", "bf16", "train_on_prompt",
                      "eval_accuracy"):
             if not isinstance(getattr(self, name), bool):
                 _fail(self, name, "must be true or false")

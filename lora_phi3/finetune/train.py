@@ -331,6 +331,8 @@ def train_step(wrapped: nn.Module, micro_batches: Sequence[dict[str, torch.Tenso
             (loss_sum * scale).backward()
         loss_total += loss_sum.detach().double()
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the global norm of sharded gradients, as a DTensor
+        norm = norm.full_tensor()
     # One all-reduce carries the loss sum and how many ranks saw a non-finite gradient norm, so
     # the divergence check below decides on the same numbers on every rank.
     bad_norm = (~torch.isfinite(norm)).to(loss_total.device, torch.float64)
