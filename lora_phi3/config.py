@@ -22,7 +22,8 @@ QUANTIZE_METHODS = (None, "nf4")
 #: LoRA-variant switches and their defaults (plain LoRA). A file without one of them means the
 #: default.
 VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True,
-                                     "use_dora": False, "trainable_token_indices": None}
+                                     "use_dora": False, "trainable_token_indices": None,
+                                     "lora_bias": False}
 
 
 @dataclass
@@ -53,12 +54,18 @@ class LoraConfig:
             PEFT.
         use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output
             row rescales the adapted weight ``W + s B A`` to ``m * (W + s B A) / ||W + s B A||``
-            (PEFT's name). Linear layers, fused slices and NF4 bases; see ``docs/variants.md``.
+            (PEFT's name). Linear layers, fused slices, NF4 bases, embeddings and convolutions;
+            see ``docs/variants.md``.
         trainable_token_indices: rows of an embedding table trained on their own (new or special
             tokens), as PEFT's option of that name: a list of token ids for the model's input
             embeddings, or ``{embedding name: [token ids]}`` (names matched as dotted-path suffixes,
             as ``target_modules``). Each selected embedding becomes a
             :class:`~lora_phi3.layers.TrainableTokens` layer.
+        lora_bias: PEFT's ``lora_bias``: ``lora_B`` gets a trained bias, so each adapter adds
+            ``scaling * (dropout(x) A^T B^T + lora_bias)``; merging adds ``scaling * lora_bias``
+            to the layer's bias (a layer without one cannot merge). Linear layers (fused slices:
+            on the adapted rows only) and convolutions; as in PEFT, not with ``use_dora``, and
+            only with ``init_lora_weights`` True or False.
     """
 
     r: int = 8
@@ -75,6 +82,7 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     use_dora: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -115,6 +123,15 @@ class LoraConfig:
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
         self.trainable_token_indices = _token_indices(self.trainable_token_indices)
+        if not isinstance(self.lora_bias, bool):
+            raise ValueError(f"LoraConfig.lora_bias must be a bool, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("LoraConfig.lora_bias=True cannot be combined with use_dora=True "
+                             "(PEFT refuses the pair too); set one of them to False")
+        if self.lora_bias and self.init_lora_weights is not True \
+                and self.init_lora_weights is not False:
+            raise ValueError("LoraConfig.lora_bias=True needs init_lora_weights True or False "
+                             f"(PEFT's rule), got {self.init_lora_weights!r}")
 
     @property
     def scaling(self) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .layers import Embedding, LoRALayer, lora_layers
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, LoRALayer, lora_layers
 
 __all__ = ["lora_plus_param_groups", "LORAPLUS_GROUPS"]
 
@@ -47,9 +47,12 @@ def _role(layer: LoRALayer, attr: str, param: nn.Parameter) -> str:
         return "B"
     if kind == "lora_A":
         return "A"
-    # Hook for new adapter parameters (a DoRA magnitude vector, ...): PEFT decides by shape, so
-    # a 1-D one (DoRA's magnitude, also on an embedding) goes with B at ratio * lr, anything
-    # else with A at lr. A variant that wants otherwise says so here, in this one place.
+    # Hook for new adapter parameters (a DoRA magnitude vector, lora_bias, ...): PEFT decides by
+    # shape, so a 1-D one (DoRA's magnitude, also on an embedding; lora_B's bias) goes with B at
+    # ratio * lr, anything else with A at lr. A conv's DoRA magnitude is 1-D here but
+    # (1, out, 1, ...) in PEFT, which puts it with A: we follow PEFT, in this one place.
+    if kind == "lora_magnitude" and isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+        return "A"
     return "B" if param.ndim == 1 else "A"
 
 

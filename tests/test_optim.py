@@ -276,3 +276,29 @@ def test_peft_puts_dora_magnitudes_with_b():
              for n, q in model.named_parameters() if q is p}
     magnitude = [n for n in where if "lora_magnitude_vector" in n]
     assert magnitude and all(where[n] == (16.0 * 1e-3, WD) for n in magnitude)
+
+
+@needs_peft
+def test_conv_dora_magnitudes_go_where_peft_puts_them():
+    # PEFT keeps a conv's DoRA magnitude as (1, out, 1, 1), so its LoRA+ puts it with A at lr;
+    # ours is (out,), and optim._role follows PEFT for it; a linear layer's goes with B.
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    theirs = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, target_modules=["conv", "fc"],
+                                                           use_dora=True))
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    lr_theirs = {n: g["lr"] for g in opt.param_groups for p in g["params"]
+                 for n, q in theirs.named_parameters() if q is p and "magnitude" in n}
+    ours = ConvNet()
+    lora.inject_lora(ours, lora.LoraConfig(r=2, target_modules=["conv", "fc"], use_dora=True))
+    lr_ours = {n: g["lr"] for g in lora.lora_plus_param_groups(ours, lr=1e-3, ratio=16.0)
+               for p in g["params"] for n, q in ours.named_parameters() if q is p and "magnitude" in n}
+    assert sorted(lr_theirs.values()) == sorted(lr_ours.values()) == [1e-3, 16e-3]
+    assert lr_ours["conv.lora_magnitude"] == 1e-3 and lr_ours["fc.lora_magnitude"] == 16e-3

@@ -63,7 +63,8 @@ def hotswap_adapter(model: nn.Module, path: str | Path, adapter_name: str) -> nn
                             "(a hot swap keeps the adapted modules)")
         updates: dict[nn.Parameter, torch.Tensor] = {}
         extra = sorted(k for k in tensors if k.rpartition(".")[0] not in layers or
-                       (k.rpartition(".")[2] not in ("lora_A", "lora_B", "lora_magnitude")))
+                       (k.rpartition(".")[2] not in ("lora_A", "lora_B", "lora_magnitude",
+                                                     "lora_bias")))
         if extra:
             problems.append(f"tensors beyond the adapter's ({extra[:3]}) cannot be hot swapped")
         for name in sorted(set(saved) & set(layers)):
@@ -71,11 +72,15 @@ def hotswap_adapter(model: nn.Module, path: str | Path, adapter_name: str) -> nn
             diff = {k: (meta.get(k), have.get(k)) for k in _SAME if meta.get(k) != have.get(k)}
             prefix = f"{name}." if name else ""
             dora = f"{prefix}lora_magnitude" in tensors
+            bias = f"{prefix}lora_bias" in tensors
             if diff:
                 problems.append(f"module {name} differs (file, model): {diff}")
             elif dora != getattr(layer, "use_dora", False):
                 problems.append(f"module {name}: the file is {'' if dora else 'not '}DoRA, the "
                                 f"adapter is{'' if layer.use_dora else ' not'}")
+            elif bias != ("lora_bias" in layer.adapter_params()):
+                problems.append(f"module {name}: the file has {'a' if bias else 'no'} lora_bias, "
+                                f"the adapter {'has' if not bias else 'has none'}")
             elif meta["r"] > layer.r:
                 problems.append(f"module {name}: the file's rank {meta['r']} exceeds the adapter's "
                                 f"{layer.r}; hot swap pads smaller ranks only")
@@ -87,6 +92,9 @@ def hotswap_adapter(model: nn.Module, path: str | Path, adapter_name: str) -> nn
                 updates[layer.lora_A], updates[layer.lora_B] = A, B
                 if dora:
                     updates[layer.lora_magnitude] = tensors[prefix + "lora_magnitude"]
+                if bias:  # added as scaling * lora_bias: the scaling ratio folds in as into B
+                    ratio = meta["scaling"] / layer.scaling
+                    updates[layer.lora_bias] = tensors[prefix + "lora_bias"].float() * ratio
         for param, value in updates.items():
             if tuple(value.shape) != tuple(param.shape):
                 problems.append(f"a tensor of shape {tuple(value.shape)} for a parameter of shape "

@@ -2,15 +2,16 @@
 
 PEFT stores, per adapted module, ``base_model.model.<path>.lora_A.weight`` ``(R, in)`` and
 ``.lora_B.weight`` ``(out, R)`` (``lora_embedding_A``/``lora_embedding_B`` for embeddings) with one
-scaling ``lora_alpha / R``, and for DoRA ``.lora_magnitude_vector`` ``(out,)``. A convolution's pair
-is two conv kernels, ``A`` ``(R, in, *kernel)`` and ``B`` ``(out, R // groups, 1, ...)`` (our
-``lora_layout="peft"``); an ``nn.MultiheadAttention`` holds the in-projection's pair under its own
+scaling ``lora_alpha / R``; for DoRA ``.lora_magnitude_vector`` (``(out,)``; ``(embedding_dim,)`` for
+an embedding; ``(1, out, 1, ...)`` for a convolution), and with ``lora_bias`` ``.lora_B.bias``
+``(out,)``. A convolution's pair is two conv kernels, ``A`` ``(R, in, *kernel)`` and ``B``
+``(out, R // groups, 1, ...)`` (our ``lora_layout="peft"``); an ``nn.MultiheadAttention`` holds the in-projection's pair under its own
 path and the output projection's under ``<path>.base_layer.out_proj``; trainable tokens are
 ``<path>.token_adapter.trainable_tokens_delta`` ``(k, dim)`` with the ids in the config's
 ``trainable_token_indices``. Our per-slice adapters on a fused projection (``MergedLinear``) export
 exactly: the slices' ``A`` blocks are stacked and each ``B_i`` is placed block-diagonally in a full
 ``(out, r*k)`` matrix whose rows for unadapted slices are zero, so ``B_full @ A_stack`` is the
-fused delta. Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
+fused delta (and a lora bias is 0 on the unadapted rows). Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
 ``scaling * R``: one rank and one alpha, which PEFT and vLLM (which ignores ``rank_pattern`` /
 ``alpha_pattern``) both read the same way. See ``docs/adapters.md``; the import is
 :mod:`.peft_import`.
@@ -33,6 +34,7 @@ from safetensors.torch import save as st_save
 from ..atomic import atomic_write_dir
 from ..inject.injector import get_lora_config
 from ..inject.matching import is_hf_conv1d, under_any
+from ..inject.named import adapter_names, using_adapter
 from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
                       TrainableTokens, lora_layers)
 from ..layers.base import is_data_init
@@ -155,8 +157,11 @@ def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tens
 
 def _full_magnitude(layer: LoRALayer) -> torch.Tensor:
     """A DoRA layer's magnitude over all ``out`` rows, as PEFT holds it: rows no slice adapts get
-    ``||W_i||``, which PEFT's own norm of ``W_i + 0`` divides back to a gain of 1."""
+    ``||W_i||``, which PEFT's own norm of ``W_i + 0`` divides back to a gain of 1; a convolution's
+    is PEFT's ``(1, out, 1, ...)``."""
     m = layer.lora_magnitude.detach()
+    if isinstance(layer, _ConvLoRA):
+        return m.view(1, -1, *(1,) * (layer.weight.dim() - 2))
     if not isinstance(layer, MergedLinear) or m.shape[0] == layer.out_features:
         return m
     base = layer.dense_base_weight()
@@ -179,6 +184,35 @@ def _dora_flag(layers: dict[str, LoRALayer]) -> bool:
     return bool(dora)
 
 
+def _full_lora_bias(layer: LoRALayer) -> torch.Tensor:
+    """``lora_B``'s bias over all ``out`` rows, as PEFT holds it: the layer's ``lora_bias`` on the
+    adapted rows, 0 elsewhere and for a layer without one (PEFT gives every ``lora_B`` a bias)."""
+    out = layer.lora_B.shape[0] if isinstance(layer, _ConvLoRA) else layer.out_features
+    bias = layer._parameters.get("lora_bias")
+    if bias is None:
+        return layer.lora_B.new_zeros(out).detach()
+    if bias.shape[0] == out:
+        return bias.detach()
+    full, offset = bias.new_zeros(out).detach(), 0
+    for start, size in layer.lora_slices:  # the rows of a MergedLinear's adapted slices
+        full[start:start + size] = bias[offset:offset + size]
+        offset += size
+    return full
+
+
+def _lora_bias_flag(layers: dict[str, LoRALayer]) -> bool:
+    """PEFT's one ``lora_bias`` for the file: True if any layer has one (the others export a zero
+    bias). PEFT refuses ``lora_bias`` on embeddings, so such a model is refused."""
+    biased = [name for name, layer in layers.items()
+              if layer._parameters.get("lora_bias") is not None]
+    embeddings = [name for name, layer in layers.items() if isinstance(layer, Embedding)]
+    if biased and embeddings:
+        raise ValueError(f"export_peft: PEFT has one lora_bias for a whole adapter and refuses it on "
+                         f"embeddings, but {biased[0]} has a lora bias and {embeddings[0]} is an "
+                         "Embedding adapter")
+    return bool(biased)
+
+
 def _rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
     """PEFT ``rank_pattern`` for modules below ``rank``: by leaf name where that is unambiguous."""
     by_leaf: dict[str, set[int]] = {}
@@ -193,7 +227,14 @@ def _rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
     return pattern
 
 
-def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
+def _check_adapter_name(model: nn.Module, adapter_name: str | None, what: str) -> None:
+    if adapter_name is not None and adapter_name not in adapter_names(model):
+        raise ValueError(f"{what}: unknown adapter_name {adapter_name!r}; the model's adapters are "
+                         f"{adapter_names(model)}")
+
+
+def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True,
+                    adapter_name: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The PEFT ``(tensors, adapter_config)`` that :func:`export_peft` writes.
 
@@ -202,15 +243,25 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         pad_to_max_rank: zero-pad every module to the largest rank (one ``r``, one ``lora_alpha``;
             what vLLM reads). False keeps each module's rank and writes PEFT's ``rank_pattern`` /
             ``alpha_pattern`` instead: smaller, exact in PEFT, but vLLM ignores both patterns.
+        adapter_name: which named adapter (default: the active one); it is made active for the
+            export and the active one restored after.
 
     Returns:
         ``(tensors keyed as PEFT saves them, the adapter_config.json dict)``.
 
     Raises:
         ValueError: if the model holds no LoRA layer (trainable tokens alone have no PEFT LoRA
-            form either), a LoRA convolution in loralib's layout, or layers PEFT cannot hold in one
-            adapter (DoRA mixed with plain LoRA; a grouped conv that cannot be padded to the rank).
+            form either), an unknown ``adapter_name``, a LoRA convolution in loralib's layout, or
+            layers PEFT cannot hold in one adapter (DoRA mixed with plain LoRA; a lora bias beside
+            an embedding adapter; a grouped conv that cannot be padded to the rank).
     """
+    _check_adapter_name(model, adapter_name, "export_peft")
+    with using_adapter(model, adapter_name):
+        return _peft_state_dict(model, pad_to_max_rank)
+
+
+def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     every = lora_layers(model)
     tokens = {n: l for n, l in every.items() if isinstance(l, TrainableTokens)}
     layers = {n: l for n, l in every.items() if n not in tokens}
@@ -219,6 +270,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
                          + (" (trainable tokens alone are not a PEFT LoRA adapter)" if tokens else ""))
     factors = {name: _full_factors(name, layer) for name, layer in layers.items()}
     use_dora = _dora_flag(layers)
+    lora_bias = _lora_bias_flag(layers)
     rank = max(A.shape[0] for A, _ in factors.values())
     s_ref = next(iter(layers.values())).scaling
     tensors: dict[str, torch.Tensor] = {}
@@ -229,8 +281,10 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         layer = layers[name]
         to_rank = rank if pad_to_max_rank else ranks[owner[name] or name]
         A, B = pad_rank(A, B, to_rank, getattr(layer, "groups", 1))
+        bias = _full_lora_bias(layer) if lora_bias else None
         if layer.scaling != s_ref:  # one alpha for the whole file: fold the ratio into B
             B = (B.float() * (layer.scaling / s_ref)).to(B.dtype)
+            bias = None if bias is None else (bias.float() * (layer.scaling / s_ref)).to(bias.dtype)
             logger.info("export_peft: %s has scaling %g != %g; folded the ratio into lora_B",
                         name, layer.scaling, s_ref)
         a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding)
@@ -240,6 +294,8 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = B
         if use_dora:  # zero padding and a B folded to s_ref leave every row's norm unchanged
             tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = _full_magnitude(layer)
+        if bias is not None:
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = bias
     for name, layer in tokens.items():
         tensors[f"{PEFT_PREFIX}{name}.{PEFT_TOKENS_KEY}"] = layer.token_values.detach()
     if any(isinstance(layer, MultiheadAttention) for layer in layers.values()):
@@ -278,7 +334,7 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
         "init_lora_weights": config.init_lora_weights if config is not None
         and not is_data_init(config.init_lora_weights) else True,
         "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
-        "loftq_config": {}, "lora_alpha": json_number(s_ref * denom(rank)), "lora_bias": False,
+        "loftq_config": {}, "lora_alpha": json_number(s_ref * denom(rank)), "lora_bias": lora_bias,
         "lora_dropout": config.lora_dropout if config is not None
         else _dropout_p(next(iter(layers.values()))),
         "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
@@ -294,7 +350,8 @@ def peft_state_dict(model: nn.Module, pad_to_max_rank: bool = True
     return tensors, peft_cfg
 
 
-def export_peft(model: nn.Module, path: str | Path, pad_to_max_rank: bool = True) -> Path:
+def export_peft(model: nn.Module, path: str | Path, pad_to_max_rank: bool = True,
+                adapter_name: str | None = None) -> Path:
     """Write ``model``'s adapter as a PEFT LoRA adapter directory (atomic; weights file first).
 
     ``PeftModel.from_pretrained(base_model, path)`` then gives the same outputs as ``model``.
@@ -303,14 +360,16 @@ def export_peft(model: nn.Module, path: str | Path, pad_to_max_rank: bool = True
         model: a model with LoRA layers.
         path: the directory to write (created, or its two files replaced).
         pad_to_max_rank: see :func:`peft_state_dict`; keep True for vLLM.
+        adapter_name: which named adapter to export (default: the active one); the file holds it
+            as PEFT's only adapter.
 
     Returns:
         The directory written.
 
     Raises:
-        ValueError: no LoRA layer, a LoRA convolution, or ``path`` is an existing file.
+        ValueError: as :func:`peft_state_dict`, or ``path`` is an existing file.
     """
-    tensors, cfg = peft_state_dict(model, pad_to_max_rank)
+    tensors, cfg = peft_state_dict(model, pad_to_max_rank, adapter_name)
     blob = st_save(to_saveable(tensors), metadata={"format": "pt"})
     if cfg["modules_to_save"]:
         logger.warning("export_peft: modules_to_save=%s; PEFT loads them but vLLM refuses adapters "

@@ -1,10 +1,12 @@
 """Import Hugging Face PEFT LoRA adapters, after checking all of them against the model.
 
 A PEFT file holds one ``lora_A`` ``(R, in)`` / ``lora_B`` ``(out, R)`` pair per module (conv kernels
-for a convolution), and trainable tokens' values (the format is described in :mod:`.peft_export`).
+for a convolution), with DoRA a magnitude and with ``lora_bias`` a ``lora_B.bias`` per module, and
+trainable tokens' values (the format is described in :mod:`.peft_export`).
 Into an injected model each pair is mapped exactly onto the layer's own layout (a fused update onto
 per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices) or refused; a bare
-model is first injected with a config derived from the file.
+model is first injected with a config derived from the file; into a model with other named
+adapters the file becomes a new one (``adapter_name``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 
 from ..config import LoraConfig
 from ..inject import phi3
-from ..inject.injector import inject_lora
+from ..inject.injector import check_adapter_name, inject_lora
 from ..inject.matching import is_hf_conv1d
+from ..inject.named import add_adapter, adapter_names, delete_adapter, using_adapter
 from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
                       TrainableTokens, lora_layers)
 from ..layers.conv import _ConvLoRA
@@ -37,10 +40,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["import_peft"]
 
 # LoRA variants whose forward differs from plain LoRA: refused on import rather than mis-loaded.
-_UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
+_UNSUPPORTED = ("use_qalora", "layer_replication", "target_parameters",
                 "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config",
                 "monteclora_config")
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_BIAS_KEY = re.compile(r"^(?P<mod>.+)\.lora_B(?:\.(?P<adapter>[^.]+))?\.bias$")
 _MAG_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)"
                       r"(?:\.(?P<adapter>[^.]+))?$")
@@ -71,9 +75,12 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
                 re.compile(key)
             except re.error as e:
                 raise ValueError(f"{where}: {field} key {key!r} is not a valid regex ({e})") from None
-    for field in ("use_rslora", "fan_in_fan_out", "use_dora"):
+    for field in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
         if cfg.get(field) is not None and not isinstance(cfg[field], bool):
             raise ValueError(f"{where}: {field} must be a bool, got {cfg[field]!r}")
+    if cfg.get("lora_bias") and cfg.get("use_dora"):
+        raise ValueError(f"{where}: lora_bias=true with use_dora=true, a pair PEFT itself refuses; "
+                         "set one of them to false")
     dropout = cfg.get("lora_dropout")
     if dropout is not None and not (is_number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {dropout!r}")
@@ -126,9 +133,9 @@ def _token_indices_for(cfg: dict[str, Any], name: str) -> list[int] | None:
     return spec
 
 
-def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
-    """Split PEFT keys into ``{module: {"A", "B", "M" (DoRA), "embedding", "owner"}}``, trainable
-    tokens' values ``{embedding: (k, dim)}`` and other model keys.
+def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool, lora_bias: bool):
+    """Split PEFT keys into ``{module: {"A", "B", "M" (DoRA), "bias" (lora_bias), "embedding",
+    "owner"}}``, trainable tokens' values ``{embedding: (k, dim)}`` and other model keys.
 
     PEFT keeps a wrapped module under ``base_layer``; an adapter nested in another's wrapped module
     (an MHA's ``out_proj``) is renamed to our path (``mha.base_layer.out_proj`` -> ``mha.out_proj``)
@@ -139,6 +146,7 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
     tokens: dict[str, torch.Tensor] = {}
     adapters: set[str] = set()
     magnitudes: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(PEFT_PREFIX)
         tok = _TOKENS_KEY.match(k)
@@ -155,6 +163,15 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
             if mag["adapter"]:
                 adapters.add(mag["adapter"])
             magnitudes[mag["mod"]] = t
+            continue
+        bias = _BIAS_KEY.match(k)
+        if bias:
+            if not lora_bias:
+                raise ValueError(f"{where}: {key} is a lora_B bias but the config has lora_bias "
+                                 "false")
+            if bias["adapter"]:
+                adapters.add(bias["adapter"])
+            biases[bias["mod"].replace(".base_layer.", ".")] = t
             continue
         m = _LORA_KEY.match(k) or _EMB_KEY.match(k)
         if m:
@@ -178,24 +195,34 @@ def _group_keys(tensors: dict[str, torch.Tensor], where: str, use_dora: bool):
     stray = sorted(set(magnitudes) - set(modules))
     if stray:
         raise ValueError(f"{where}: DoRA magnitudes for modules without lora_A/lora_B: {stray}")
+    stray = sorted(set(biases) - set(modules))
+    if stray:
+        raise ValueError(f"{where}: lora_B biases for modules without lora_A/lora_B: {stray}")
     for name, entry in modules.items():
         if use_dora:
             if name not in magnitudes:
                 raise ValueError(f"{where}: use_dora is true but module {name} has no "
                                  "lora_magnitude_vector")
-            if entry["embedding"]:
-                raise ValueError(f"{where}: module {name} is a DoRA embedding; DoRA loads into "
-                                 "linear layers only")
-            if entry["A"].dim() > 2:
-                raise ValueError(f"{where}: module {name} is a DoRA convolution; DoRA loads into "
-                                 "linear layers only")
             entry["M"] = magnitudes[name]
+        if lora_bias and entry["embedding"]:
+            raise ValueError(f"{where}: lora_bias is true but module {name} is an embedding, "
+                             "which PEFT's lora_bias does not cover (PEFT refuses it)")
+        if lora_bias:
+            if name not in biases:
+                raise ValueError(f"{where}: lora_bias is true but module {name} has no "
+                                 "lora_B.bias")
+            entry["bias"] = biases[name]
     return modules, extras, tokens
 
 
-def _pair_problem(A: torch.Tensor, B: torch.Tensor) -> str | None:
-    """Why ``A``, ``B`` are no PEFT pair: ``(rank, in)``, ``(out, rank)``, or for a convolution
-    ``(rank, in, *kernel)``, ``(out, rank // groups, 1, ...)``; None if they are one."""
+def _pair_problem(A: torch.Tensor, B: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> str | None:
+    """Why ``A``, ``B`` (and ``B``'s bias) are no PEFT pair: ``(rank, in)``, ``(out, rank)``, or for a
+    convolution ``(rank, in, *kernel)``, ``(out, rank // groups, 1, ...)``; a bias ``(out,)``. None if
+    they are one."""
+    if bias is not None and tuple(bias.shape) != (B.shape[0],):
+        return (f"lora_B.bias {tuple(bias.shape)} does not fit lora_B {tuple(B.shape)}: "
+                f"needs ({B.shape[0]},)")
     if A.dim() == B.dim() == 2 and A.shape[0] == B.shape[1]:
         return None
     if 3 <= A.dim() == B.dim() <= 5 and all(d == 1 for d in B.shape[2:]) and B.shape[1] > 0 \
@@ -309,24 +336,61 @@ def _rescaled_rows(M: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (M.float() - norm).abs() > 1e-5 * norm.clamp_min(1e-12)
 
 
-def _fit_magnitude(name: str, layer: LoRALayer, M: torch.Tensor, weight: torch.Tensor,
+def _magnitude_shape(layer: LoRALayer) -> tuple[int, ...]:
+    """The shape of PEFT's ``lora_magnitude_vector`` for ``layer``: ``(out,)``; ``(embedding_dim,)``
+    for an embedding; ``(1, out_channels, 1, ...)`` for a convolution."""
+    if isinstance(layer, _ConvLoRA):
+        return (1, layer.out_channels, *(1,) * len(layer.kernel_size))
+    if isinstance(layer, Embedding):
+        return (layer.embedding_dim,)
+    return (layer.out_features,)
+
+
+def _fit_magnitude(name: str, layer: LoRALayer, M: torch.Tensor, module: nn.Module,
                    problems: list[str]) -> torch.Tensor | None:
-    """PEFT's ``(out,)`` DoRA magnitude as the layer's ``(sum of slice sizes,)``, or report why not:
-    rows the layer does not adapt must keep gain 1 (``M_i = ||W_i||``), as our export writes."""
-    out = weight.shape[0]
-    if M.dim() != 1 or M.shape[0] != out:
+    """PEFT's DoRA magnitude as the layer's ``lora_magnitude`` (flat; on a ``MergedLinear``
+    ``(sum of slice sizes,)``), or report why not: rows the layer does not adapt must keep gain 1
+    (``M_i = ||W_i||``), as our export writes. ``module``: the real (not previewed) module, whose
+    base weight that check reads."""
+    want = _magnitude_shape(layer)
+    if tuple(M.shape) != want:
         problems.append(f"shape mismatch for {name}.lora_magnitude_vector: file {tuple(M.shape)}, "
-                        f"model needs ({out},)")
+                        f"model needs {want}")
         return None
-    slices = layer.lora_slices
-    covered = torch.zeros(out, dtype=torch.bool)
+    if not isinstance(layer, MergedLinear):
+        return M.reshape(-1).to(layer.lora_magnitude.dtype)
+    slices, covered = layer.lora_slices, torch.zeros(M.shape[0], dtype=torch.bool)
     for start, size in slices:
         covered[start:start + size] = True
-    if (_rescaled_rows(M, weight) & ~covered).any():
+    if (_rescaled_rows(M, _base_rows(module)) & ~covered).any():
         problems.append(f"{name}: the file's DoRA magnitude rescales output rows the model's "
                         f"MergedLinear does not adapt (enable_lora={getattr(layer, 'enable_lora', None)})")
         return None
     return torch.cat([M[start:start + size] for start, size in slices]).to(layer.lora_magnitude.dtype)
+
+
+def _fit_bias(name: str, layer: LoRALayer, bias: torch.Tensor, s_peft: float,
+              problems: list[str]) -> torch.Tensor | None:
+    """PEFT's ``lora_B.bias`` ``(out,)`` as the layer's ``lora_bias`` (on a ``MergedLinear`` the
+    adapted rows only, which needs 0 on the others), the scaling ratio folded in; or report why
+    not."""
+    own = layer._parameters.get("lora_bias")
+    if own is None:
+        problems.append(f"{name}: the file has lora_B.bias (lora_bias true) but the model's "
+                        f"{type(layer).__name__} has no lora_bias (inject with "
+                        "LoraConfig(lora_bias=True))")
+        return None
+    if isinstance(layer, MergedLinear):
+        covered = torch.zeros(bias.shape[0], dtype=torch.bool)
+        for start, size in layer.lora_slices:
+            covered[start:start + size] = True
+        if (bias[~covered] != 0).any():
+            problems.append(f"{name}: the file's lora_B.bias is non-zero on output rows the model's "
+                            f"MergedLinear does not adapt (enable_lora={layer.enable_lora})")
+            return None
+        bias = torch.cat([bias[start:start + size] for start, size in layer.lora_slices])
+    ratio = s_peft / layer.scaling
+    return (bias if ratio == 1.0 else bias.float() * ratio).to(own.dtype)
 
 
 def _nonzero_cols(B: torch.Tensor) -> int:
@@ -368,6 +432,8 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
         parts = [B[o:o + s] for o, s in zip(offsets, fused.split_sizes)]
         rescaled = _rescaled_rows(modules[name]["M"], _base_rows(named[name])) \
             if "M" in modules[name] else torch.zeros(B.shape[0], dtype=torch.bool)
+        if "bias" in modules[name]:  # a slice with a non-zero lora bias is adapted too
+            rescaled = rescaled | (modules[name]["bias"] != 0)
         live = [i for i, part in enumerate(parts)
                 if (part != 0).any() or rescaled[offsets[i]:offsets[i] + fused.split_sizes[i]].any()] \
             or list(range(len(parts)))
@@ -381,6 +447,7 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
     rslora = bool(cfg.get("use_rslora"))  # kept, so a re-export is rsLoRA again
     return LoraConfig(r=rank, lora_alpha=json_number(s_ref * (math.sqrt(rank) if rslora else rank)),
                       use_rslora=rslora, use_dora=bool(cfg.get("use_dora")),
+                      lora_bias=bool(cfg.get("lora_bias")),
                       lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                       target_modules=compress_targets(chosen, candidates),
                       bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,
@@ -388,7 +455,8 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
                       trainable_token_indices=dict(tokens) or None)
 
 
-def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def import_peft(model: nn.Module, path: str | Path, strict: bool = True,
+                adapter_name: str | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model``, after checking all of it.
 
     A model without LoRA layers is first injected with a config derived from the file (the
@@ -400,22 +468,61 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     or refused. Keys may carry the ``base_model.model.`` prefix and an adapter name
     (``lora_A.default.weight``). Convolutions load into ``lora_layout="peft"`` layers,
     ``nn.MultiheadAttention`` adapters into :class:`~lora_phi3.layers.MultiheadAttention`, and
-    ``trainable_token_indices`` into :class:`~lora_phi3.layers.TrainableTokens`.
+    ``trainable_token_indices`` into :class:`~lora_phi3.layers.TrainableTokens`; DoRA
+    magnitudes (linear, embedding, convolution) and ``lora_bias`` load too.
 
     Args:
         model: a transformers model (e.g. ``Phi3ForCausalLM``) or any module.
         path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
         strict: refuse model LoRA layers that the file does not cover.
+        adapter_name: None loads into the model's active adapter (a bare model gets ``"default"``).
+            A name: into a bare model, the file is injected under it; into a model with other
+            adapters, it is added as a new adapter (:func:`~lora_phi3.inject.named.add_adapter`,
+            with the config derived from the file), loaded, and left inactive, as
+            :func:`~lora_phi3.adapters.load_adapter` adds one.
 
     Returns:
         ``model``.
 
     Raises:
         ValueError: on any problem (unsupported variant, missing/unexpected/mis-shaped keys,
-            non-float tensors, corrupt file); the model is then unchanged.
+            non-float tensors, corrupt file; ``adapter_name`` malformed or already the model's);
+            the model is then unchanged.
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     path = Path(path)
     where = f"PEFT adapter {str(path)!r}"
+    cfg, modules, extras, tokens, token_ids = _read_peft(path, where)
+    if adapter_name is not None and not is_bare(model):
+        if adapter_name in adapter_names(model):
+            raise ValueError(f"import_peft: the model already has an adapter {adapter_name!r} "
+                             f"(adapters: {adapter_names(model)}); import under a new name, or "
+                             "delete_adapter it first (load_adapter(model, path, adapter_name=...) "
+                             "hot-swaps our own adapter files into an existing adapter)")
+        return _import_as_new_adapter(model, path, where, cfg, modules, extras, tokens, token_ids,
+                                      strict, adapter_name)
+    target, derived = model, None
+    if is_bare(model):
+        problems = _model_problems(model, modules, extras, tokens)
+        if problems:
+            raise ValueError(f"{where} does not fit the model (nothing was changed): "
+                             + "; ".join(problems))
+        derived = _derived_config(cfg, modules, token_ids, model)
+        try:
+            target = injected_preview(model, derived)  # validate against a weightless copy
+        except ValueError as e:  # a layer refuses the file's variant (e.g. lora_bias on attention)
+            raise ValueError(f"{where} does not fit the model (nothing was changed): {e}") from None
+    to_load = _checked_tensors(model, target, cfg, modules, extras, tokens, token_ids, strict, where)
+    if derived is not None:
+        inject_lora(model, derived, adapter_name=adapter_name or "default")
+    _load(model, to_load, extras, where, len(modules), len(tokens))
+    return model
+
+
+def _read_peft(path: Path, where: str):
+    """The file's ``(config, modules, extras, trainable tokens, token ids)``, checked on its own
+    (before any model is looked at)."""
     cfg_path, st_path = path / PEFT_CONFIG_FILE, path / PEFT_WEIGHTS_FILE
     if not cfg_path.is_file():
         raise ValueError(f"{where} lacks {PEFT_CONFIG_FILE!r}")
@@ -429,13 +536,14 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     bad = non_float_keys(tensors)
     if bad:
         raise ValueError(f"{where}: non-floating tensors {bad}")
-    modules, extras, tokens = _group_keys(tensors, where, bool(cfg.get("use_dora")))
+    modules, extras, tokens = _group_keys(tensors, where, bool(cfg.get("use_dora")),
+                                          bool(cfg.get("lora_bias")))
     if not modules:
         raise ValueError(f"{where} holds no lora_A/lora_B tensors")
     problems = []
     for name, entry in sorted(modules.items()):
         A, B, rank = entry["A"], entry["B"], _peft_rank(cfg, _pattern_name(name, entry))
-        pair = _pair_problem(A, B)
+        pair = _pair_problem(A, B, entry.get("bias"))
         if pair is not None:
             problems.append(f"{name}: {pair}")
         elif A.shape[0] != rank:
@@ -459,40 +567,71 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
         raise ValueError(f"{where} disagrees with itself: " + "; ".join(problems))
     if cfg.get("init_lora_weights") == "loftq" or cfg.get("loftq_config"):
         logger.warning("%s was trained with LoftQ: it expects the LoftQ-initialised base weights", where)
+    return cfg, modules, extras, tokens, token_ids
 
+
+def _model_problems(model: nn.Module, modules: dict[str, dict[str, Any]],
+                    extras: dict[str, torch.Tensor], tokens: dict[str, torch.Tensor]) -> list[str]:
+    """Why the file's modules, trainable tokens and other tensors do not fit ``model``'s modules
+    (checked before a config is derived from the file and injected)."""
+    named, problems = dict(model.named_modules()), []
+    for name, entry in modules.items():
+        A, B = entry["A"], entry["B"]
+        want = _pair_shapes(named[name], A.shape[0]) if name in named else None
+        if want is None:
+            problems.append(f"module {name} does not exist in the model or is no type PEFT's "
+                            "LoRA adapts (linear, embedding, convolution, MultiheadAttention)")
+        elif want != (tuple(A.shape), tuple(B.shape)):
+            problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, "
+                            f"lora_B {tuple(B.shape)}; the model needs lora_A {want[0]}, "
+                            f"lora_B {want[1]}")
+    for name, values in tokens.items():
+        emb = named.get(name)
+        if not isinstance(emb, nn.Embedding):
+            problems.append(f"trainable tokens for {name}, which is no nn.Embedding of the model")
+        elif values.shape[1:] != (emb.embedding_dim,):
+            problems.append(f"shape mismatch for {name}.{PEFT_TOKENS_KEY}: file "
+                            f"{tuple(values.shape)}, the model's embedding_dim is {emb.embedding_dim}")
+    return problems + _extra_problems(model.state_dict(), extras)
+
+
+def _import_as_new_adapter(model: nn.Module, path: Path, where: str, cfg: dict[str, Any],
+                           modules: dict[str, dict[str, Any]], extras: dict[str, torch.Tensor],
+                           tokens: dict[str, torch.Tensor], token_ids: dict[str, list[int]],
+                           strict: bool, adapter_name: str) -> nn.Module:
+    """The file as a new, inactive adapter of a model that has others; a refused load deletes it
+    again, so the model is as it was."""
+    problems = _model_problems(model, modules, extras, tokens)
+    if problems:
+        raise ValueError(f"{where} does not fit the model (nothing was changed): "
+                         + "; ".join(problems))
+    add_adapter(model, _derived_config(cfg, modules, token_ids, model), adapter_name)
+    try:
+        with using_adapter(model, adapter_name):
+            to_load = _checked_tensors(model, model, cfg, modules, extras, tokens, token_ids,
+                                       strict, where)
+            _load(model, to_load, extras, where, len(modules), len(tokens))
+    except ValueError:
+        delete_adapter(model, adapter_name)  # a refused load leaves the model as it was
+        raise
+    return model
+
+
+def _checked_tensors(model: nn.Module, target: nn.Module, cfg: dict[str, Any],
+                     modules: dict[str, dict[str, Any]], extras: dict[str, torch.Tensor],
+                     tokens: dict[str, torch.Tensor], token_ids: dict[str, list[int]],
+                     strict: bool, where: str) -> dict[str, torch.Tensor]:
+    """The file's tensors in ``target``'s layers' layouts (``target``: ``model`` itself, or a
+    weightless preview of its injection), keyed as ``model.load_state_dict`` takes them.
+
+    Raises:
+        ValueError: listing every problem; nothing has been changed.
+    """
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()) and \
             any("owner" in entry for entry in modules.values()):
         logger.warning("%s adapts nn.MultiheadAttention: PEFT <= 0.21 adds its out_proj update twice "
                        "in the forward (huggingface/peft#3774); this import adds it once, as the "
                        "adapter's tensors define it", where)
-
-    target, derived = model, None
-    if is_bare(model):
-        named, problems = dict(model.named_modules()), []
-        for name, entry in modules.items():
-            A, B = entry["A"], entry["B"]
-            want = _pair_shapes(named[name], A.shape[0]) if name in named else None
-            if want is None:
-                problems.append(f"module {name} does not exist in the model or is no type PEFT's "
-                                "LoRA adapts (linear, embedding, convolution, MultiheadAttention)")
-            elif want != (tuple(A.shape), tuple(B.shape)):
-                problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, "
-                                f"lora_B {tuple(B.shape)}; the model needs lora_A {want[0]}, "
-                                f"lora_B {want[1]}")
-        for name, values in tokens.items():
-            emb = named.get(name)
-            if not isinstance(emb, nn.Embedding):
-                problems.append(f"trainable tokens for {name}, which is no nn.Embedding of the model")
-            elif values.shape[1:] != (emb.embedding_dim,):
-                problems.append(f"shape mismatch for {name}.{PEFT_TOKENS_KEY}: file "
-                                f"{tuple(values.shape)}, the model's embedding_dim is {emb.embedding_dim}")
-        problems += _extra_problems(model.state_dict(), extras)
-        if problems:
-            raise ValueError(f"{where} does not fit the model (nothing was changed): "
-                             + "; ".join(problems))
-        derived = _derived_config(cfg, modules, token_ids, model)
-        target = injected_preview(model, derived)  # validate against a weightless copy
-
     every, problems, to_load = lora_layers(target), [], {}
     token_layers = {n: l for n, l in every.items() if isinstance(l, TrainableTokens)}
     layers = {n: l for n, l in every.items() if n not in token_layers}
@@ -505,34 +644,45 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True) -> nn.M
     if strict and missing:
         problems.append(f"missing modules (LoRA layers the file does not cover) {missing}")
     for name in sorted(set(modules) & set(layers)):
-        A, B = modules[name]["A"], modules[name]["B"]
-        s_peft = _peft_scaling(cfg, _pattern_name(name, modules[name]), A.shape[0])
-        fitted = _fit(name, layers[name], A, B, s_peft, problems)
+        entry, layer = modules[name], layers[name]
+        A, B = entry["A"], entry["B"]
+        s_peft = _peft_scaling(cfg, _pattern_name(name, entry), A.shape[0])
+        fitted = _fit(name, layer, A, B, s_peft, problems)
         if fitted is not None:
             to_load[f"{name}.lora_A"], to_load[f"{name}.lora_B"] = fitted
-        M, layer_dora = modules[name].get("M"), getattr(layers[name], "use_dora", False)
+        M, layer_dora = entry.get("M"), getattr(layer, "use_dora", False)
         if layer_dora != (M is not None):
             problems.append(f"{name}: the file is {'' if M is not None else 'not '}DoRA but the "
                             f"model's layer has use_dora={layer_dora}")
         elif M is not None:
-            m = _fit_magnitude(name, layers[name], M, _base_rows(real[name]), problems)
+            m = _fit_magnitude(name, layer, M, real[name], problems)
             if m is not None:
                 to_load[f"{name}.lora_magnitude"] = m
+        bias = entry.get("bias")
+        if bias is None and layer._parameters.get("lora_bias") is not None:
+            problems.append(f"{name}: the model's layer has a lora_bias but the file has no "
+                            "lora_B.bias (lora_bias false)")
+        elif bias is not None:
+            fitted_bias = _fit_bias(name, layer, bias, s_peft, problems)
+            if fitted_bias is not None:
+                to_load[f"{name}.lora_bias"] = fitted_bias
     expected_extras = set(adapter_state_dict(target)) - adapter_param_keys(target)
     if strict and expected_extras - set(extras):
         problems.append(f"missing keys {sorted(expected_extras - set(extras))}")
     problems += _extra_problems(target.state_dict(), extras)
     if problems:
         raise ValueError(f"{where} does not fit the model (nothing was changed): " + "; ".join(problems))
-    if derived is not None:
-        inject_lora(model, derived)
+    return to_load
+
+
+def _load(model: nn.Module, to_load: dict[str, torch.Tensor], extras: dict[str, torch.Tensor],
+          where: str, n_modules: int, n_tokens: int) -> None:
     state = model.state_dict()
     to_load.update({k: v.to(state[k].dtype) for k, v in extras.items() if k in state})
     with torch.no_grad():
         model.load_state_dict(to_load, strict=False)  # LoRA layers unmerge/re-merge themselves
     logger.info("imported %d PEFT modules (+%d trainable-token tables, %d other tensors) from %s",
-                len(modules), len(tokens), len(extras), path)
-    return model
+                n_modules, n_tokens, len(extras), where)
 
 
 def _token_problems(layers: dict[str, TrainableTokens], tokens: dict[str, torch.Tensor],

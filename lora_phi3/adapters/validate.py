@@ -32,7 +32,7 @@ __all__ = ["FLOAT_DTYPES", "dtype_name", "decode_safetensors", "read_json", "non
 # and the layer kinds that hold others instead.
 _LORA_PARAMS = ("lora_A", "lora_B")
 _KIND_PARAMS = {"TrainableTokens": ("token_values",)}
-_ANY_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "token_values")
+_ANY_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "lora_bias", "token_values")
 
 # The dtypes an adapter tensor may have (anything else is refused, never cast).
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

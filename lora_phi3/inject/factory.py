@@ -28,7 +28,8 @@ from .matching import SliceSpec, TokenSpec, is_hf_conv1d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_lora_module", "lora_kwargs", "plain_module", "quantized_factory", "quantized_check", "BASE_ATTR"]
+__all__ = ["make_lora_module", "lora_kwargs", "plain_module", "quantized_factory", "quantized_check",
+           "check_lora_target", "BASE_ATTR"]
 
 BASE_ATTR = "_lora_base_module"  # the module a LoRA layer replaced, kept outside the module tree
 _CONV_LORA = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
@@ -73,7 +74,38 @@ def lora_kwargs(config: LoraConfig, module: nn.Module) -> dict[str, Any]:
     half = dtype in (torch.float16, torch.bfloat16)
     return dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
                 lora_dtype=torch.float32 if half else None, use_rslora=config.use_rslora,
-                init_lora_weights=config.init_lora_weights, use_dora=config.use_dora)
+                init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
+                lora_bias=config.lora_bias)
+
+
+def _layer_class(module: nn.Module) -> type[LoRALayer]:
+    """The LoRA layer kind :func:`make_lora_module` builds for ``module`` (a quantized base's
+    layers subclass ``Linear``/``MergedLinear`` and take the same variants)."""
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    conv = next((c for base, c in _CONV_LORA.items() if isinstance(module, base)), None)
+    if conv is not None:
+        return conv
+    if isinstance(module, nn.MultiheadAttention):
+        return MultiheadAttention
+    return Linear
+
+
+def check_lora_target(module: nn.Module, name: str, config: LoraConfig,
+                      slice_spec: SliceSpec | TokenSpec | None = None) -> None:
+    """Raise, without building anything, the ``ValueError`` the layer chosen for ``module`` gives
+    for ``config``'s variant switches (DoRA, ``lora_bias``), so an injection can refuse before its
+    first replacement.
+
+    Raises:
+        ValueError: naming ``name``, the switch and the layer kinds that take it.
+    """
+    if isinstance(slice_spec, TokenSpec):
+        return
+    try:
+        _layer_class(module).check_variants(config.use_dora, config.lora_bias)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
@@ -91,9 +123,12 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     Raises:
         NotImplementedError: ``config.quantize_base`` names no known quantized layer.
         ValueError: the quantized builder refuses ``module`` (see its check); a layer refuses the
-            config (e.g. DoRA on a convolution, ``r`` not divisible by a conv's ``groups``).
+            config (e.g. DoRA or ``lora_bias`` on ``nn.MultiheadAttention``, ``lora_bias`` on an
+            embedding, ``r`` not divisible by a conv's ``groups``; :func:`check_lora_target`
+            raises the variant refusals without building anything).
     """
     new: LoRALayer
+    check_lora_target(module, name, config, slice_spec)  # the variant refusals, named
     if isinstance(slice_spec, TokenSpec):
         new = TrainableTokens.from_embedding(module, slice_spec.token_indices, merge_weights=False,
                                              init_lora_weights=config.init_lora_weights)
@@ -112,15 +147,14 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
                     lora_dropout=config.lora_dropout, **slices, **common)
         if dense is not None:
             new.adopt_data_init(dense)
-    elif isinstance(module, nn.Embedding):
+    elif (kind := _layer_class(module)) is Embedding:
         new = Embedding.from_embedding(module, **common)
-    elif isinstance(module, tuple(_CONV_LORA)):
+    elif kind in _CONV_LORA.values():
         # PEFT's layout (A a full-kernel conv, B a 1x1 conv), so the adapter exports exactly; a
         # grouped conv cannot merge in it, which merge_weights=False never asks of it.
-        conv_cls = next(c for base, c in _CONV_LORA.items() if isinstance(module, base))
-        new = conv_cls.from_conv(module, lora_dropout=config.lora_dropout, lora_layout="peft",
-                                 **common)
-    elif isinstance(module, nn.MultiheadAttention):
+        new = kind.from_conv(module, lora_dropout=config.lora_dropout, lora_layout="peft", **common)
+    elif kind is MultiheadAttention:
+        common.pop("lora_bias")  # refused above when set: its layer has no lora_bias argument
         new = MultiheadAttention.from_mha(module, lora_dropout=config.lora_dropout, **common)
         if isinstance(new.out_proj, LoRALayer):
             _keep_base(new.out_proj, module.out_proj)

@@ -23,7 +23,8 @@ from . import phi3
 from ..config import LoraConfig
 from ..layers import LoRALayer, enable_input_recompute, lora_layers
 from ..layers.base import is_data_init
-from .factory import make_lora_module, plain_module, quantized_check, quantized_factory
+from .factory import (check_lora_target, make_lora_module, plain_module, quantized_check,
+                      quantized_factory)
 from .matching import (SliceSpec, TokenSpec, adaptable_names, is_hf_conv1d, plan_targets,
                        saved_module_names)
 from ..utils import mark_only_lora_as_trainable
@@ -176,6 +177,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
         for name, spec in plan.items():  # every refusal happens here, before the first replacement
             if not isinstance(spec, TokenSpec):  # trainable tokens keep their dense table
                 check(model.get_submodule(name), name)
+    for name, spec in plan.items():  # the layers' own refusals (DoRA, lora_bias), all first
+        check_lora_target(model.get_submodule(name), name, config, spec)
     if is_data_init(config.init_lora_weights):
         _check_data_init_rank(model, config, plan)
     to_save = saved_module_names(model, config, plan)

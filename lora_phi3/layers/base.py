@@ -7,7 +7,10 @@ pretrained function.
 
 :class:`LoRALayer` is a mixin put before the torch module in each layer's bases; each layer adds
 only its shapes, its :meth:`~LoRALayer.delta_weight` (the single source of the dense update, used
-by merge and by the tests) and its forward.
+by merge and by the tests) and its forward. Two variants are shared here too: DoRA's merge (a
+layer gives its norm, :meth:`~LoRALayer._dora_norm`, and the gain's layout,
+:meth:`~LoRALayer._dora_weight_gain`) and PEFT's ``lora_bias`` (a trained bias on ``B``'s output,
+``lora_bias``, which merges into the layer's ``bias``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ class LoRALayer(nn.Module):
         use_rslora: rank-stabilised scaling (rsLoRA).
         use_dora: weight-decomposed LoRA (DoRA, see :mod:`~lora_phi3.layers.dora`): the layer
             also holds ``lora_magnitude``.
+        lora_bias: (a parameter, present only when the layer was built with ``lora_bias=True``)
+            PEFT's bias on ``B``: the adapter adds ``scaling * (h @ B.T + lora_bias)``, shape
+            ``(rows of lora_B,)``.
         lora_dropout: ``nn.Dropout`` (or ``nn.Identity`` for p=0) applied to the adapter's input.
             A module, not a lambda, so layers pickle and deepcopy.
         merged: True while ``delta_weight()`` is folded into ``weight``.
@@ -96,26 +102,56 @@ class LoRALayer(nn.Module):
 
     #: True for the layer kinds that implement DoRA (``use_dora=True``).
     supports_dora: bool = False
+    #: True for the layer kinds that implement PEFT's ``lora_bias=True`` (a bias on ``B``).
+    supports_lora_bias: bool = False
     #: True for the layer kinds that implement PiSSA/OLoRA (a data-driven ``init_lora_weights``).
     supports_data_init: bool = False
 
+    @classmethod
+    def check_variants(cls, use_dora: object = False, lora_bias: object = False) -> None:
+        """Raise the ``ValueError`` this layer kind gives for a ``use_dora``/``lora_bias`` it does not
+        take, without building anything (so an injection can check every target first).
+
+        Raises:
+            ValueError: a non-bool switch; DoRA or ``lora_bias`` on a kind without it; both at once
+                (PEFT refuses the pair).
+        """
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+        if use_dora and not cls.supports_dora:
+            raise ValueError(f"use_dora=True is not supported by {cls.__name__}; DoRA is "
+                             "implemented for Linear and MergedLinear (dense or NF4 base), "
+                             "Embedding, and Conv1d/2d/3d in lora_layout='peft'")
+        if not isinstance(lora_bias, bool):
+            raise ValueError(f"lora_bias must be True or False, got {lora_bias!r}")
+        if lora_bias and not cls.supports_lora_bias:
+            raise ValueError(f"lora_bias=True is not supported by {cls.__name__}; a bias on lora_B "
+                             "is implemented for Linear and MergedLinear (dense or NF4 base) and "
+                             "Conv1d/2d/3d, as in PEFT (which refuses it on embeddings too)")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True (PEFT refuses "
+                             "the pair too); set one of them to False")
+
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                    use_rslora: bool = False, init_lora_weights: bool | str = True,
-                   use_dora: bool = False) -> None:
+                   use_dora: bool = False, lora_bias: bool = False) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
-        if not isinstance(use_dora, bool):
-            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
-        if use_dora and not self.supports_dora:
-            raise ValueError(f"use_dora=True is not supported by {type(self).__name__}; DoRA is "
-                             "implemented for Linear and MergedLinear (dense or NF4 base)")
-        self.use_dora = use_dora
+        self.check_variants(use_dora, lora_bias)
         check_init_lora_weights(init_lora_weights, "init_lora_weights")
         if is_data_init(init_lora_weights) and not self.supports_data_init:
             raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported by "
                              f"{type(self).__name__}; PiSSA and OLoRA are implemented for Linear "
                              "and MergedLinear (dense or NF4 base)")
+        if lora_bias and init_lora_weights is not True and init_lora_weights is not False:
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False (PEFT's rule), "
+                             f"got {init_lora_weights!r}")
+        if lora_bias and merge_weights and getattr(self, "bias", None) is None:
+            raise ValueError(f"lora_bias=True on a {type(self).__name__} without a bias cannot merge "
+                             "(the lora bias is merged into the layer's bias; PEFT refuses that "
+                             "merge too): pass merge_weights=False, or give the layer a bias")
+        self.use_dora = use_dora
         self.init_lora_weights = init_lora_weights
         self.r = r
         self.lora_alpha = lora_alpha
@@ -151,7 +187,9 @@ class LoRALayer(nn.Module):
         ``True``: section 4.1 of the paper, A kaiming-uniform and B = 0, so delta W = 0 at the
         start. ``"gaussian"``: A ~ N(0, 1/r^2), B = 0. ``False``: B initialised like A (as an
         ``nn.Linear(r, out)`` weight), so the adapter changes the function from the start (for
-        tests and for studying the init).
+        tests and for studying the init). A ``lora_bias`` starts at 0, or for ``False`` as that
+        ``nn.Linear``'s bias (uniform in +-1/sqrt(fan_in)), as PEFT leaves it. DoRA's magnitude is
+        then read off the new adapter.
         """
         init = getattr(self, "init_lora_weights", True)  # layers pickled before the switch
         if init == "gaussian":
@@ -162,9 +200,17 @@ class LoRALayer(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        lora_bias = self._parameters.get("lora_bias")
+        if lora_bias is not None and init is False:
+            bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(self.lora_B)[0])
+            nn.init.uniform_(lora_bias, -bound, bound)
+        elif lora_bias is not None:
+            nn.init.zeros_(lora_bias)
+        if getattr(self, "use_dora", False) and not getattr(self, "_defer_magnitude", False):
+            self.reset_dora_magnitude()
 
     # -- which parameters are the adapter's: the one answer, asked of the layer -------------------
-    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude")
+    adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude", "lora_bias")
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """This layer's own adapter parameters by attribute name (empty for ``r == 0``).
@@ -186,6 +232,44 @@ class LoRALayer(nn.Module):
         """``t`` in the dtype the update is formed in: fp32, or fp64 for fp64 adapters."""
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
+    # -- DoRA: each layer gives its norm and the gain's layout; the rest is shared ---------------
+    def _dora_norm(self) -> torch.Tensor:
+        """``||W + s B A||`` per output row (the layer's meaning of a row, see :mod:`.dora`),
+        detached, fp32 (fp64 for fp64 adapters), shaped as ``lora_magnitude``."""
+        raise NotImplementedError
+
+    def _dora_weight_gain(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gain ``m / ||W + s B A||`` in ``dtype``, shaped to broadcast against ``weight``
+        (1 exactly for rows the layer does not adapt)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """``m = ||W + s B A||`` per adapted row (section 4.1 of the DoRA paper): the layer's
+        function is then exactly the LoRA function it had before, since the gain is ``m / m``."""
+        self.lora_magnitude.copy_(self._dora_norm())
+
+    def dora_gain(self) -> torch.Tensor:
+        """``m / ||W + s B A||`` per adapted row, ``lora_magnitude``'s shape; differentiable in ``m``."""
+        return self.lora_magnitude / self._dora_norm().to(self.lora_magnitude.dtype)
+
+    # -- PEFT's lora_bias ------------------------------------------------------------------------
+    def lora_bias_delta(self) -> torch.Tensor | None:
+        """``scaling * lora_bias`` over all ``out`` outputs ``(out,)``, fp32 (fp64 for fp64
+        adapters), differentiable; None without a lora bias. What merge adds to ``bias``."""
+        lora_bias = self._parameters.get("lora_bias")
+        return None if lora_bias is None else self._acc(lora_bias) * self.scaling
+
+    def _bias_with_lora(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias the forward's base product adds: ``bias + scaling * lora_bias`` while the adapter
+        is active (summed in fp32, rounded once to ``dtype``), else ``bias``. Folding the lora bias
+        in here keeps one product and one autograd node; its gradient flows through the sum."""
+        delta = self.lora_bias_delta() if self.lora_active else None
+        if delta is None:
+            return self.bias
+        total = delta if self.bias is None else self.bias.to(delta.dtype) + delta
+        return total.to(dtype)
+
     # -- merge protocol --------------------------------------------------------------------------
     def dense_base_weight(self) -> torch.Tensor:
         """The frozen base weight as a dense tensor in ``weight``'s layout (a dense layer's own
@@ -197,21 +281,26 @@ class LoRALayer(nn.Module):
         """What :meth:`merge` stores: ``W + delta_weight()`` formed in fp32, rounded once to ``W``'s dtype.
 
         ``merge_lora`` checks every layer's merged weight for NaN/Inf with this before any merge.
-        ``delta``: ``delta_weight()`` when the caller has it already.
+        ``delta``: ``delta_weight()`` when the caller has it already. With DoRA it is
+        ``gain * (W + delta)`` per output row (rows the layer does not adapt keep ``W`` bit for bit).
         """
         base = self.dense_base_weight()
         delta = self.delta_weight() if delta is None else delta
-        return (base.to(delta.dtype) + delta).to(base.dtype)
+        merged = base.to(delta.dtype) + delta
+        if getattr(self, "use_dora", False):
+            merged = merged * self._dora_weight_gain(delta.dtype)
+        return merged.to(base.dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
-        """Fold the update into ``weight``. Idempotent.
+        """Fold the update into ``weight`` (and a lora bias into ``bias``). Idempotent.
 
         The sum is formed in fp32 and rounded once to the weight's dtype (:meth:`merged_weight`).
 
         Raises:
-            ValueError: with ``safe_merge=True``, if the merged weight would hold NaN or Inf; the
-                weight is left untouched.
+            ValueError: with ``safe_merge=True``, if the merged weight or bias would hold NaN or
+                Inf; a lora bias on a layer without a bias (nothing to merge it into, as in PEFT).
+                The layer is then left untouched.
         """
         if self.merged or self.r == 0:
             return
@@ -220,15 +309,34 @@ class LoRALayer(nn.Module):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"safe_merge refused {type(self).__name__}: the merged weight would "
                              "contain NaN or Inf; the weight is unchanged")
+        bias_delta, merged_bias = self.lora_bias_delta(), None
+        if bias_delta is not None:
+            if self.bias is None:
+                raise ValueError(f"{type(self).__name__} has lora_bias but no bias to merge it "
+                                 "into (PEFT cannot merge it either); keep the layer unmerged")
+            merged_bias = (self.bias.to(bias_delta.dtype) + bias_delta).to(self.bias.dtype)
+            if safe_merge and not torch.isfinite(merged_bias).all():
+                raise ValueError(f"safe_merge refused {type(self).__name__}: the merged bias "
+                                 "would contain NaN or Inf; the layer is unchanged")
+        if getattr(self, "use_dora", False):  # the gain this merge applies, for the exact unmerge
+            self._dora_merged_gain = self._dora_weight_gain(delta.dtype)
         self._store_merged(merged, delta)
+        if merged_bias is not None:  # the bias is small: keep the original bits for unmerge
+            self._unmerge_bias = self.bias.detach().clone()
+            self.bias.copy_(merged_bias)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update out of ``weight`` again, restoring the original bits. Idempotent."""
+        """Take the update out of ``weight`` (and ``bias``) again, restoring the original bits.
+        Idempotent."""
         if not self.merged:
             return
         self._restore_unmerged()
+        self._dora_merged_gain = None
+        original_bias = self.__dict__.pop("_unmerge_bias", None)
+        if original_bias is not None:
+            self.bias.copy_(original_bias)
         self.merged = False
 
     def _store_merged(self, merged: torch.Tensor, delta: torch.Tensor) -> None:
@@ -242,7 +350,10 @@ class LoRALayer(nn.Module):
         self.weight.copy_(merged)
 
     def _unmerged_from(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`merged_weight`, in ``delta``'s dtype: ``merged - delta``."""
+        """The inverse of :meth:`merged_weight`, in ``delta``'s dtype: ``merged - delta`` (with DoRA,
+        divided by the gain the merge applied first)."""
+        if getattr(self, "use_dora", False):
+            return merged.to(delta.dtype) / self._dora_merged_gain - delta
         return merged.to(delta.dtype) - delta
 
     def _restore_unmerged(self) -> None:
@@ -277,7 +388,12 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        return f"{base}, r={self.r}, lora_alpha={self.lora_alpha}" if self.r > 0 else base
+        if self.r == 0:
+            return base
+        variants = "".join(f", {name}=True" for name, on in (
+            ("use_dora", getattr(self, "use_dora", False)),
+            ("lora_bias", self._parameters.get("lora_bias") is not None)) if on)
+        return f"{base}, r={self.r}, lora_alpha={self.lora_alpha}{variants}"
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:

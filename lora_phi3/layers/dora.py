@@ -1,4 +1,4 @@
-"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), for linear layers.
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
 
 DoRA splits the adapted weight into a direction and a magnitude (section 4.1, eq. 5):
 ``W' = m * (W + s B A) / ||W + s B A||``, the norm taken per output row as PEFT takes it, and the
@@ -6,13 +6,19 @@ magnitude ``m`` (one value per adapted output row) trained beside ``A`` and ``B`
 ``||W + s B A||`` of the initial adapter, so training starts from the LoRA function (the base
 function for ``B = 0``).
 
+What an "output row" is depends on the layer, as in PEFT 0.21: a row of a linear weight
+``(out, in)``; a column of an embedding table ``(num_embeddings, dim)``, i.e. one value per
+embedding dimension (the table is the weight ``(dim, num_embeddings)`` of a linear layer over
+one-hot inputs); an output channel of a convolution kernel ``(out, in / groups, *kernel)``.
+
 Two choices, both PEFT's or better, and both documented in ``docs/variants.md``:
 
 - **The norm is never formed from a dense update.** Per output row ``i``,
   ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T``: one
   ``(r, in) x (in, out)`` product and ``(out, r)`` temporaries, ``O(out * in * r)`` FLOPs and
   ``O(out * r)`` memory, where PEFT builds the ``(out, in)`` update every forward. ``||W_i||^2`` of the
-  frozen base is cached until the base changes.
+  frozen base is cached until the base changes. (A grouped convolution is the exception: see
+  :func:`peft_grouped_conv_update`.)
 - **The norm is detached** (section 4.3 of the paper, and PEFT): it is a constant in the backward,
   so gradients reach ``m`` through ``m / ||.||`` and ``A``/``B`` through the direction only.
 
@@ -25,16 +31,37 @@ dropout 0, and always in eval mode, the two are the same function.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+import torch.nn as nn
 
 from .lora_function import base_linear
 from .slices import iter_slices
 
-__all__ = ["dora_norm", "dora_rescale", "weight_row_sq"]
+__all__ = ["dora_norm", "dora_rescale", "dora_rescale_channels", "weight_row_sq", "cached",
+           "version_key", "peft_grouped_conv_update"]
 
 Spans = Sequence[tuple[int, int]]
+T = TypeVar("T")
+
+
+def version_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies ``t``'s values for a cache: its storage, its in-place version and device (an
+    optimizer step bumps the version; a new tensor has another storage)."""
+    return t.data_ptr(), t._version, t.device
+
+
+def cached(layer: nn.Module, slot: str, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
+    """``compute()``, kept in ``layer.__dict__[slot]`` until ``key`` changes.
+
+    Outside the state dict and the parameters; a deepcopy copies it, and the new tensors' keys
+    then differ, so the copy recomputes."""
+    hit = layer.__dict__.get(slot)
+    if hit is None or hit[0] != key:
+        hit = (key, compute())
+        layer.__dict__[slot] = hit
+    return hit[1]
 
 
 @torch.no_grad()
@@ -81,6 +108,29 @@ def dora_norm(base, row_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     return torch.cat(norms) if len(norms) > 1 else norms[0]
 
 
+@torch.no_grad()
+def peft_grouped_conv_update(lora_A: torch.Tensor, lora_B: torch.Tensor,
+                             weight_shape: Sequence[int]) -> torch.Tensor:
+    """The update HF PEFT 0.21 takes the DoRA norm of for a convolution with ``groups > 1``, fp32.
+
+    PEFT's layout (``A`` ``(r, in, *k)``, ``B`` ``(out, r // groups, 1, ...)``, see
+    :mod:`.conv`) gives a grouped conv an update that spans all ``in`` channels, which has no
+    ``(out, in / groups, *k)`` form. PEFT's ``_DoraConvNdLayer`` nevertheless forms
+    ``(B.view(-1, r) @ A.view(r, -1)).reshape(W.shape)`` (a reshape that re-blocks ``B``'s rows
+    and ``A``'s columns; for ``groups == 1`` it is exactly ``B A``) and divides by
+    ``||W + s * that||``, in its forward and when it initialises ``m``. A PEFT file's magnitudes are
+    trained against that norm, so loading one means taking the same norm: this is it, kept
+    apart so that the quirk has one home. Conv kernels are small, so it is formed densely, as
+    PEFT does.
+
+    Returns:
+        ``(out, in / groups, *k)``, unscaled.
+    """
+    acc = torch.promote_types(lora_A.dtype, torch.float32)
+    r = lora_A.shape[0]
+    return (lora_B.to(acc).reshape(-1, r) @ lora_A.to(acc).reshape(r, -1)).reshape(weight_shape)
+
+
 def dora_rescale(out: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None,
                  slices: Spans) -> torch.Tensor:
     """``out[..., rows] = gain * (out[..., rows] - b) + b`` on the adapted rows, in place.
@@ -98,6 +148,14 @@ def dora_rescale(out: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | Non
         return _DoraRescale.apply(out, gain, bias, slices)
     _rescale_(out, gain, bias, slices)
     return out
+
+
+def dora_rescale_channels(out: torch.Tensor, gain: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`dora_rescale` of a channels-first output ``(N, C, *spatial)`` (a convolution's), every
+    channel adapted: ``gain`` and ``bias`` are ``(C,)``."""
+    rows = ((0, out.shape[1]),)
+    return dora_rescale(out.movedim(1, -1), gain, bias, rows).movedim(-1, 1)
 
 
 def _views(t: torch.Tensor, slices: tuple) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .base import LoRALayer, is_data_init, new_lora_param
 from .named import mixed_forward
 from .data_init import olora_factors, parse_init_lora_weights, pissa_factors, to_original_base
-from .dora import dora_norm, dora_rescale, weight_row_sq
+from .dora import cached, dora_norm, dora_rescale, version_key, weight_row_sq
 from .lora_function import apply_lora_linear, base_linear
 from .slices import LoraSlice, iter_slices
 
@@ -35,6 +35,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
     fan_in_fan_out: bool
     lora_slices: tuple[tuple[int, int], ...]  # (start, size) of each adapted output slice
     supports_dora = True
+    supports_lora_bias = True
     supports_data_init = True
 
     @property
@@ -85,7 +86,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         return self
 
     def _init_lora_params(self, r: int, n_slices: int, b_rows: int,
-                          lora_dtype: torch.dtype | None) -> None:
+                          lora_dtype: torch.dtype | None, lora_bias: bool = False) -> None:
         if self.weight is not None:
             dtype, device = self.weight.dtype, self.weight.device
             self.weight.requires_grad = False
@@ -95,6 +96,8 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         self.lora_B = new_lora_param((b_rows, r), lora_dtype or dtype, device)
         if self.use_dora:  # DoRA's magnitude: one value per adapted output row, in B's row order
             self.lora_magnitude = new_lora_param((b_rows,), lora_dtype or dtype, device)
+        if lora_bias:  # PEFT's bias on B: one value per adapted output row, in B's row order
+            self.lora_bias = new_lora_param((b_rows,), lora_dtype or dtype, device)
 
     def _finish_init(self, fan_in_fan_out: bool) -> None:
         # loralib's order: reset everything once more (base weight, bias, then A), then transpose,
@@ -147,8 +150,6 @@ class _LinearLoRA(LoRALayer, nn.Linear):
             self.quantized_weight.load_dense(weight.T if self.fan_in_fan_out else weight)
 
     def _store_merged(self, merged: torch.Tensor, delta: torch.Tensor) -> None:
-        if getattr(self, "use_dora", False):  # the gain merge applied, for the exact unmerge
-            self._dora_merged_gain = self._dora_row_gain(delta.dtype)
         if self.weight is not None:
             return super()._store_merged(merged, delta)
         # A quantized base is never rounded into (that would round the update away): the dense
@@ -160,18 +161,17 @@ class _LinearLoRA(LoRALayer, nn.Linear):
             super()._restore_unmerged()
         else:
             self.weight = None
-        self._dora_merged_gain = None
 
     # -- PiSSA / OLoRA ------------------------------------------------------------------------------
     def reset_lora_parameters(self) -> None:
-        deferred = getattr(self, "_defer_magnitude", False)  # constructor: base not final yet
-        if is_data_init(getattr(self, "init_lora_weights", True)):
-            if not deferred:
-                self._data_init()
-        else:
-            super().reset_lora_parameters()
-        if getattr(self, "use_dora", False) and not deferred:
-            self.reset_dora_magnitude()
+        # In the constructor (_defer_magnitude) the base is not final yet: the data-driven init and
+        # DoRA's magnitude wait for _finish_init.
+        if not is_data_init(getattr(self, "init_lora_weights", True)):
+            super().reset_lora_parameters()  # A, B, lora_bias, and DoRA's magnitude
+        elif not getattr(self, "_defer_magnitude", False):
+            self._data_init()
+            if getattr(self, "use_dora", False):
+                self.reset_dora_magnitude()
 
     @torch.no_grad()
     def _data_init(self) -> None:
@@ -232,25 +232,13 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         return torch.cat(As), torch.cat(Bs), 2 * self.r, alpha2
 
     # -- DoRA --------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def reset_dora_magnitude(self) -> None:
-        """``m = ||W + s B A||`` per adapted row (section 4.1 of the DoRA paper): the layer's
-        function is then exactly the LoRA function it had before, since the gain is ``m / m``."""
-        self.lora_magnitude.copy_(self._dora_norm())
-
     def _base_row_sq(self) -> torch.Tensor:
         """``||W_i||^2`` of the frozen base per output row, fp32 ``(out,)``, cached until the base
         changes (a new tensor, an in-place write, or new quantized storage)."""
         base = self._frozen_base()
         storage = base if isinstance(base, torch.Tensor) else base._buffers["codes"]
-        key = (storage.data_ptr(), storage._version, storage.device)
-        cached = self.__dict__.get("_row_sq_cache")
-        if cached is None or cached[0] != key:
-            dense = base if isinstance(base, torch.Tensor) else base.dequantize()
-            cached = (key, weight_row_sq(dense))
-            self.__dict__["_row_sq_cache"] = cached
-        return cached[1]
+        return cached(self, "_row_sq_cache", version_key(storage), lambda: weight_row_sq(
+            base if isinstance(base, torch.Tensor) else base.dequantize()))
 
     def _dora_norm(self) -> torch.Tensor:
         """``||W_i + s B_i A||`` per adapted row, detached, fp32 (see :func:`~.dora.dora_norm`).
@@ -259,48 +247,36 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         tensors' versions), so generation with an unmerged DoRA layer computes it once."""
         A, B = self.lora_A, self.lora_B
         row_sq = self._base_row_sq()
-        key = (A.data_ptr(), A._version, B.data_ptr(), B._version, id(row_sq), self.scaling,
-               self.lora_slices)
-        cached = self.__dict__.get("_dora_norm_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, dora_norm(self._frozen_base(), row_sq, A, B, self.scaling,
-                                     self.lora_slices))
-            self.__dict__["_dora_norm_cache"] = cached
-        return cached[1]
+        key = (version_key(A), version_key(B), id(row_sq), self.scaling, self.lora_slices)
+        return cached(self, "_dora_norm_cache", key, lambda: dora_norm(
+            self._frozen_base(), row_sq, A, B, self.scaling, self.lora_slices))
 
-    def dora_gain(self) -> torch.Tensor:
-        """``m / ||W + s B A||`` per adapted row ``(sum of slice sizes,)``; differentiable in ``m``."""
-        return self.lora_magnitude / self._dora_norm().to(self.lora_magnitude.dtype)
+    def _adapted_rows(self, device: torch.device) -> torch.Tensor:
+        """The output rows the slices adapt, in ``lora_B``'s row order: ``(sum of slice sizes,)``."""
+        return torch.cat([torch.arange(start, start + size, device=device)
+                          for start, size in self.lora_slices])
+
+    def _adapts_all_rows(self) -> bool:
+        return len(self.lora_slices) == 1 and self.lora_slices[0][1] == self.out_features
 
     @torch.no_grad()
-    def _dora_row_gain(self, dtype: torch.dtype) -> torch.Tensor:
-        """The gain of every output row ``(out,)``: 1 exactly for rows no slice adapts."""
+    def _dora_weight_gain(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gain of every output row, 1 exactly for rows no slice adapts, as ``(out, 1)``
+        (``(1, out)`` for ``fan_in_fan_out``)."""
         gain = self.dora_gain().to(dtype)
-        full = torch.ones(self.out_features, dtype=dtype, device=gain.device)
-        offset = 0
-        for start, size in self.lora_slices:
-            full[start:start + size] = gain[offset:offset + size]
-            offset += size
-        return full
-
-    def _gain_in_layout(self, gain: torch.Tensor) -> torch.Tensor:
+        if not self._adapts_all_rows():
+            gain = gain.new_ones(self.out_features).index_copy_(
+                0, self._adapted_rows(gain.device), gain)
         return gain[None, :] if self.fan_in_fan_out else gain[:, None]
 
-    @torch.no_grad()
-    def merged_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """``W + delta``; with DoRA, ``gain * (W + delta)`` per output row (rows no slice adapts
-        keep ``W`` bit for bit)."""
-        if not getattr(self, "use_dora", False) or self.r == 0:
-            return super().merged_weight(delta)
-        base = self.dense_base_weight()
-        delta = self.delta_weight() if delta is None else delta
-        gain = self._gain_in_layout(self._dora_row_gain(delta.dtype))
-        return ((base.to(delta.dtype) + delta) * gain).to(base.dtype)
-
-    def _unmerged_from(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if not getattr(self, "use_dora", False):
-            return super()._unmerged_from(merged, delta)
-        return merged.to(delta.dtype) / self._gain_in_layout(self._dora_merged_gain) - delta
+    # -- lora_bias ---------------------------------------------------------------------------------
+    def lora_bias_delta(self) -> torch.Tensor | None:
+        """``scaling * lora_bias`` on the adapted rows, 0 on the others: ``(out,)``, fp32."""
+        delta = super().lora_bias_delta()
+        if delta is None or self._adapts_all_rows():
+            return delta
+        return delta.new_zeros(self.out_features).index_add(0, self._adapted_rows(delta.device),
+                                                            delta)
 
     # -- LoRA ----------------------------------------------------------------------------------
     def iter_slices(self) -> Iterator[LoraSlice]:
@@ -309,7 +285,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         A, B = self._acc(self.lora_A), self._acc(self.lora_B)
-        if len(self.lora_slices) == 1 and self.lora_slices[0][1] == self.out_features:
+        if self._adapts_all_rows():
             delta = B @ A * self.scaling  # (out, in)
         else:
             delta = A.new_zeros((self.out_features, self.in_features))
@@ -324,7 +300,11 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         base = self._frozen_base()
         if not self.lora_active:
             return base_linear(x, base, self.bias)
-        out = apply_lora_linear(x, base, self.bias, self.lora_A, self.lora_B, self.scaling,
+        # PEFT's lora_bias is folded into the base product's bias: scaling * lora_bias is the
+        # adapter's only x-independent term, so y = x W^T + (b + s lora_bias) + s h B^T.
+        bias = self._bias_with_lora(self.weight.dtype if self.weight is not None
+                                    else self.quantized_weight.compute_dtype)
+        out = apply_lora_linear(x, base, bias, self.lora_A, self.lora_B, self.scaling,
                                 self.lora_dropout, self.lora_slices)
         if getattr(self, "use_dora", False):
             return dora_rescale(out, self.dora_gain(), self.bias, self.lora_slices)
@@ -343,6 +323,10 @@ class Linear(_LinearLoRA):
         fan_in_fan_out: True if ``weight`` is stored as ``(in_features, out_features)`` (GPT-2 Conv1D).
         merge_weights: merge on ``eval()`` and unmerge on ``train()``.
         lora_dtype: dtype of ``lora_A``/``lora_B`` (default: the weight's dtype, as in loralib).
+        use_dora: DoRA (see :mod:`~lora_phi3.layers.dora`); adds ``lora_magnitude`` ``(out_features,)``.
+        lora_bias: PEFT's bias on ``B``: adds ``lora_bias`` ``(out_features,)``, and the adapter's
+            output becomes ``scaling * (dropout(x) @ A.T @ B.T + lora_bias)``; merging adds
+            ``scaling * lora_bias`` to ``bias``. Not with ``use_dora`` (PEFT refuses the pair).
         **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
 
     Shapes: ``lora_A`` is ``(r, in_features)`` (kaiming-uniform), ``lora_B`` is ``(out_features, r)``
@@ -352,28 +336,31 @@ class Linear(_LinearLoRA):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, use_dora: bool = False, **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, use_dora: bool = False,
+                 lora_bias: bool = False, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights, use_dora)
+                    init_lora_weights, use_dora, lora_bias)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                fan_in_fan_out: bool = False, merge_weights: bool = True,
                lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-               init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
+               init_lora_weights: bool | str = True, use_dora: bool = False,
+               lora_bias: bool = False) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
-                        init_lora_weights, use_dora)
+                        init_lora_weights, use_dora, lora_bias)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_slices = ((0, self.out_features),)
         if r > 0:
-            self._init_lora_params(r, 1, self.out_features, lora_dtype)
+            self._init_lora_params(r, 1, self.out_features, lora_dtype, lora_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     fan_in_fan_out: bool = False, merge_weights: bool = True,
                     lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "Linear":
+                    init_lora_weights: bool | str = True, use_dora: bool = False,
+                    lora_bias: bool = False) -> "Linear":
         """Wrap an existing linear-like module, sharing (not copying) its ``weight`` and ``bias``.
 
         ``linear`` may be an ``nn.Linear`` or anything with a 2-D ``weight`` and optional ``bias``,
@@ -381,7 +368,7 @@ class Linear(_LinearLoRA):
         """
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, lora_dtype, use_rslora,
-                    init_lora_weights, use_dora)
+                    init_lora_weights, use_dora, lora_bias)
         if r > 0:
             self.reset_lora_parameters()
         return self
@@ -396,7 +383,8 @@ class MergedLinear(_LinearLoRA):
     ``(size_i, r)``; they are stored stacked as in loralib (see :mod:`~lora_phi3.layers.slices`):
 
     - ``lora_A``: ``(r * k, in_features)`` for ``k`` enabled slices;
-    - ``lora_B``: ``(sum of enabled slice sizes, r)``.
+    - ``lora_B``: ``(sum of enabled slice sizes, r)``; with ``lora_bias=True``, ``lora_bias`` has
+      that many rows too (the adapted rows only; the others get no lora bias).
 
     The forward runs one matmul with the stacked ``A`` and then each slice's ``B`` adds into its
     own output slice; the dense ``(out, in)`` delta is never built.
@@ -406,21 +394,22 @@ class MergedLinear(_LinearLoRA):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, use_dora: bool = False, **kwargs: Any) -> None:
+                 use_rslora: bool = False, init_lora_weights: bool | str = True,
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype, use_rslora,
-                    init_lora_weights, use_dora)
+                    init_lora_weights, use_dora, lora_bias)
         self._finish_init(fan_in_fan_out)
 
     def _setup(self, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
                enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                lora_dtype: torch.dtype | None = None, use_rslora: bool = False,
-               init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
+               init_lora_weights: bool | str = True, use_dora: bool = False,
+               lora_bias: bool = False) -> None:
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora,
-                        init_lora_weights, use_dora)
+                        init_lora_weights, use_dora, lora_bias)
         self.fan_in_fan_out = fan_in_fan_out
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora:
@@ -443,7 +432,7 @@ class MergedLinear(_LinearLoRA):
         self.lora_slices = tuple((offsets[i], split_sizes[i]) for i, e in enumerate(enable_lora) if e)
         if r > 0 and self.lora_slices:
             self._init_lora_params(r, len(self.lora_slices), sum(s for _, s in self.lora_slices),
-                                   lora_dtype)
+                                   lora_dtype, lora_bias)
         elif r > 0:
             self.r = 0  # no slice enabled: behaves as the plain layer, like loralib
             self.scaling = 0.0
@@ -453,13 +442,13 @@ class MergedLinear(_LinearLoRA):
                     enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                     merge_weights: bool = True, split_sizes: Sequence[int] | None = None,
                     lora_dtype: torch.dtype | None = None,
-                    use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "MergedLinear":
+                    use_rslora: bool = False, init_lora_weights: bool | str = True,
+                    use_dora: bool = False, lora_bias: bool = False) -> "MergedLinear":
         """Wrap an existing fused linear module, sharing (not copying) its ``weight`` and ``bias``."""
         self = cls._wrap(linear, fan_in_fan_out)
         self._setup(r, lora_alpha, lora_dropout, enable_lora, fan_in_fan_out, merge_weights,
                     split_sizes, lora_dtype, use_rslora,
-                    init_lora_weights, use_dora)
+                    init_lora_weights, use_dora, lora_bias)
         if self.r > 0:
             self.reset_lora_parameters()
         return self

@@ -1,9 +1,10 @@
 """Several named adapters in one layer: the active one in the layer's own attributes, the others stored.
 
 A layer computes with exactly one adapter, its *active* one, held where a single-adapter layer holds
-it (``lora_A``, ``lora_B``, ``lora_magnitude``, ``r``, ``scaling``, ``lora_dropout``, the slices of a
-fused layer, ...), so every code path (forward, merge, DoRA, adapter files, PEFT export) works on
-it unchanged and a model with one adapter keeps its state-dict keys. Every other adapter of the layer
+it (``lora_A``, ``lora_B``, ``lora_magnitude``, ``lora_bias``, ``r``, ``scaling``,
+``lora_dropout``, the slices of a fused layer, ...), so every code path (forward, merge, DoRA,
+adapter files, PEFT export) works on it unchanged and a model with one adapter keeps its
+state-dict keys. Every other adapter of the layer
 is a :class:`StoredAdapter` in ``layer.lora_adapters[name]`` (state-dict keys
 ``<layer>.lora_adapters.<name>.lora_A``, ...). :func:`activate` moves the tensors (the same
 ``Parameter`` objects, never copies) and settings between the two places, so an optimizer's state
@@ -30,8 +31,8 @@ __all__ = ["StoredAdapter", "ADAPTER_SETTINGS", "ADAPTER_TENSORS", "activate", "
 ADAPTER_SETTINGS = ("r", "lora_alpha", "scaling", "use_rslora", "use_dora", "init_lora_weights",
                     "lora_slices", "enable_lora", "lora_layout")
 #: Its parameters, buffers and modules, under the names the layer gives them.
-ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_A_init", "lora_B_init",
-                   "lora_dropout")
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_bias", "lora_A_init",
+                   "lora_B_init", "lora_dropout")
 
 
 class StoredAdapter(nn.Module):
@@ -139,15 +140,26 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, forward: Callable[[torch.Te
         raise ValueError(f"mixed_batch got {len(names)} adapter names for a batch of {x.shape[0]} "
                          "rows; pass one name (or None) per row")
     active, out = layer.active_adapter, None
+    # Rows sorted by adapter (the usual layout) are contiguous ranges: views in, one cat out.
+    spans = [(int(rows[0]), len(rows)) for _, rows in groups]
+    contiguous = all(int(rows[-1]) - int(rows[0]) + 1 == len(rows) for _, rows in groups) and \
+        sorted(spans) == spans
     layer.mixed_groups = None  # the inner calls are ordinary forwards
     try:
-        for name, rows in groups:
-            activate(layer, name)
-            rows = rows.to(x.device)
-            y = forward(x.index_select(0, rows))
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, rows, y)
+        if contiguous:
+            parts = []
+            for (name, _), (start, n) in zip(groups, spans):
+                activate(layer, name)
+                parts.append(forward(x.narrow(0, start, n)))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            for name, rows in groups:
+                activate(layer, name)
+                rows = rows.to(x.device)
+                y = forward(x.index_select(0, rows))
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out.index_copy_(0, rows, y)
     finally:
         activate(layer, active)
         layer.mixed_groups = (names, groups)

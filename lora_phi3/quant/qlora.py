@@ -60,7 +60,8 @@ class Linear4bit(Linear):
                  lora_alpha: float = 1, lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                  merge_weights: bool = False, lora_dtype: torch.dtype | None = None,
                  use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, use_dora: bool = False) -> "Linear4bit":
+                 init_lora_weights: bool | str = True, use_dora: bool = False,
+                 lora_bias: bool = False) -> "Linear4bit":
         """Wrap a 4-bit weight ``(out_features, in_features)`` (``bias``: ``(out_features,)``).
 
         Raises:
@@ -70,7 +71,8 @@ class Linear4bit(Linear):
                              lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              merge_weights=merge_weights, lora_dtype=lora_dtype,
                              use_rslora=use_rslora,
-                             init_lora_weights=init_lora_weights, use_dora=use_dora)
+                             init_lora_weights=init_lora_weights, use_dora=use_dora,
+                             lora_bias=lora_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1,
@@ -78,7 +80,8 @@ class Linear4bit(Linear):
                     merge_weights: bool = False, lora_dtype: torch.dtype | None = None,
                     block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
                     use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "Linear4bit":
+                    init_lora_weights: bool | str = True, use_dora: bool = False,
+                 lora_bias: bool = False) -> "Linear4bit":
         """Quantise ``linear.weight`` (shared ``bias``) and wrap it. ``merge_weights`` defaults to
         False here: merging materialises a dense weight, which ``eval()`` should not do silently."""
         base = _quantized(linear, fan_in_fan_out, block_size, double_quant)
@@ -86,7 +89,8 @@ class Linear4bit(Linear):
                              lora_dropout=lora_dropout, fan_in_fan_out=fan_in_fan_out,
                              merge_weights=merge_weights, lora_dtype=lora_dtype,
                              use_rslora=use_rslora,
-                             init_lora_weights=init_lora_weights, use_dora=use_dora)
+                             init_lora_weights=init_lora_weights, use_dora=use_dora,
+                             lora_bias=lora_bias)
 
 
 class MergedLinear4bit(MergedLinear):
@@ -100,7 +104,8 @@ class MergedLinear4bit(MergedLinear):
                  merge_weights: bool = False, split_sizes: Sequence[int] | None = None,
                  lora_dtype: torch.dtype | None = None,
                  use_rslora: bool = False,
-                 init_lora_weights: bool | str = True, use_dora: bool = False) -> "MergedLinear4bit":
+                 init_lora_weights: bool | str = True, use_dora: bool = False,
+                 lora_bias: bool = False) -> "MergedLinear4bit":
         """Wrap a 4-bit fused weight ``(out_features, in_features)``.
 
         Raises:
@@ -112,7 +117,8 @@ class MergedLinear4bit(MergedLinear):
                              fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights,
                              split_sizes=split_sizes, lora_dtype=lora_dtype,
                              use_rslora=use_rslora,
-                             init_lora_weights=init_lora_weights, use_dora=use_dora)
+                             init_lora_weights=init_lora_weights, use_dora=use_dora,
+                             lora_bias=lora_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 0, lora_alpha: float = 1,
@@ -121,7 +127,8 @@ class MergedLinear4bit(MergedLinear):
                     split_sizes: Sequence[int] | None = None, lora_dtype: torch.dtype | None = None,
                     block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
                     use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, use_dora: bool = False) -> "MergedLinear4bit":
+                    init_lora_weights: bool | str = True, use_dora: bool = False,
+                 lora_bias: bool = False) -> "MergedLinear4bit":
         """Quantise ``linear.weight`` (shared ``bias``) and wrap it."""
         base = _quantized(linear, fan_in_fan_out, block_size, double_quant)
         return cls.with_base(base, getattr(linear, "bias", None), r=r, lora_alpha=lora_alpha,
@@ -129,7 +136,8 @@ class MergedLinear4bit(MergedLinear):
                              fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights,
                              split_sizes=split_sizes, lora_dtype=lora_dtype,
                              use_rslora=use_rslora,
-                             init_lora_weights=init_lora_weights, use_dora=use_dora)
+                             init_lora_weights=init_lora_weights, use_dora=use_dora,
+                             lora_bias=lora_bias)
 
 
 # -- what inject_lora dispatches to for quantize_base="nf4" ---------------------------------------

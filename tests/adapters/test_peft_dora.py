@@ -125,3 +125,79 @@ def test_mixed_dora_and_plain_layers_refuse_to_export(tmp_path):
     with pytest.raises(ValueError, match="one use_dora for a whole adapter"):
         export_peft(model, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+# -- DoRA on embeddings and convolutions ---------------------------------------------------------
+class EmbConv(nn.Module):
+    """An embedding, a Conv1d over its output and a linear head: every DoRA layer kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.conv, self.head = nn.Embedding(20, 6), nn.Conv1d(6, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (N, L) -> (N, L - 2, 3)
+        return self.head(torch.relu(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2))
+
+
+def _emb_conv(seed=0):
+    torch.manual_seed(seed)
+    return EmbConv().eval()
+
+
+IDS = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_embedding_and_conv_dora_export_in_peft_shapes_and_merge_like_peft(tmp_path):
+    ours = _emb_conv()
+    inject_lora(ours, LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv", "head"],
+                                 use_dora=True, init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_modules(ours).values():
+            layer.lora_magnitude.mul_(0.5 + torch.rand(layer.lora_magnitude.shape, generator=g))
+    export_peft(ours, tmp_path / "p")
+    st = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    M = "base_model.model.{}.lora_magnitude_vector"
+    assert st[M.format("emb")].shape == (6,) and st[M.format("conv")].shape == (1, 4, 1)
+    assert torch.equal(st[M.format("conv")].flatten(), ours.conv.lora_magnitude)
+    with torch.no_grad():
+        want = ours(IDS)
+    theirs = peft.PeftModel.from_pretrained(_emb_conv(), tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS), want, atol=1e-5, rtol=0)
+    merged_peft = theirs.merge_and_unload()
+    merged_ours = merge_and_unload(ours)
+    for name in ("emb", "conv", "head"):
+        assert type(merged_ours.get_submodule(name)) is type(merged_peft.get_submodule(name))
+        torch.testing.assert_close(merged_ours.get_submodule(name).weight,
+                                   merged_peft.get_submodule(name).weight, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(merged_ours(IDS), want, atol=1e-5, rtol=0)
+
+
+def test_a_peft_conv_dora_adapter_loads_into_an_injected_model_of_higher_rank(tmp_path):
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(_emb_conv(), peft.LoraConfig(
+        r=2, lora_alpha=2, target_modules=["emb", "conv"], use_dora=True,
+        init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "p")
+    ours = inject_lora(_emb_conv(), LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "conv"],
+                                               use_dora=True))
+    import_peft(ours, tmp_path / "p")
+    assert ours.conv.lora_A.shape == (4, 6, 3) and not ours.conv.lora_A[2:].any()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS), theirs(IDS), atol=1e-5, rtol=0)
+
+
+def test_a_conv_magnitude_of_the_wrong_shape_is_refused(tmp_path):
+    ours = inject_lora(_emb_conv(), LoraConfig(r=2, target_modules=["conv"], use_dora=True))
+    export_peft(ours, tmp_path / "p")
+    path = tmp_path / "p" / "adapter_model.safetensors"
+    st = load_file(str(path))
+    from safetensors.torch import save_file
+    save_file({k: v.flatten() if "magnitude" in k else v for k, v in st.items()}, str(path))
+    model = _emb_conv()
+    with pytest.raises(ValueError, match=r"shape mismatch for conv.lora_magnitude_vector: file "
+                                         r"\(4,\), model needs \(1, 4, 1\)"):
+        import_peft(model, path.parent)
+    assert not lora_modules(model)

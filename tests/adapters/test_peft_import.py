@@ -139,7 +139,8 @@ def _edit_config(path, **changes):
 
 
 @pytest.mark.parametrize("edit, bare, message", [
-    (lambda p: _edit_config(p, lora_bias=True), True, r"lora_bias=True is a LoRA variant"),
+    (lambda p: _edit_config(p, lora_bias=True), True,
+     r"lora_bias is true but module .* has no lora_B.bias"),
     (lambda p: _edit_config(p, use_dora=True), True,
      r"use_dora is true but module .* has no lora_magnitude_vector"),
     (lambda p: _edit_config(p, use_dora="yes"), True, r"use_dora must be a bool, got 'yes'"),

@@ -249,3 +249,18 @@ def test_hot_swap_refuses_a_file_for_other_modules(tmp_path):
     with pytest.raises(ValueError, match="hot swap of adapter 'b' .* refused"):
         lora.load_adapter(model, tmp_path / "o", adapter_name="b")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hot_swap_carries_lora_bias(tmp_path):
+    model = tiny_phi3()
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], lora_bias=True)
+    lora.inject_lora(model, cfg, adapter_name="x")
+    donor = tiny_phi3()
+    lora.inject_lora(donor, LoraConfig(r=1, lora_alpha=3, target_modules=["o_proj"], lora_bias=True))
+    randomize_lora(donor, seed=4)
+    with torch.no_grad():
+        for layer in lora_modules(donor).values():
+            layer.lora_bias.normal_()
+    lora.save_adapter(donor, tmp_path / "d")
+    lora.load_adapter(model, tmp_path / "d", adapter_name="x")
+    torch.testing.assert_close(logits(model), logits(donor), atol=1e-5, rtol=0)

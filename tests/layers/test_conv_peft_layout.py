@@ -257,6 +257,12 @@ def test_grouped_peft_layout_cannot_merge():
         assert not torch.allclose(layer(x), F.conv1d(x, W0, layer.bias, groups=2), atol=1e-3)
 
 
-def test_peft_layout_still_refuses_dora():
-    with pytest.raises(ValueError, match="use_dora=True is not supported by Conv2d"):
-        lora.Conv2d(4, 8, 3, r=2, lora_layout="peft", use_dora=True)
+def test_loralib_layout_refuses_dora_by_name():
+    """DoRA on convolutions is PEFT's (tests/layers/test_dora_conv_embedding.py); loralib's layout
+    has none."""
+    with pytest.raises(ValueError, match=r"use_dora=True on Conv2d needs lora_layout='peft' .* "
+                                         r"got lora_layout='loralib'"):
+        lora.Conv2d(4, 8, 3, r=2, use_dora=True)
+    conv = nn.Conv1d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"use_dora=True on Conv1d needs lora_layout='peft'"):
+        lora.Conv1d.from_conv(conv, r=2, use_dora=True)

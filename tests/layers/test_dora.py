@@ -194,13 +194,16 @@ def test_a_changed_base_is_seen_by_the_norm():
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: lora.Embedding(10, 4, r=2, use_dora=True),
-    lambda: lora.Conv2d(3, 4, 3, r=2, use_dora=True),
-    lambda: lora.Conv1d(3, 4, 3, r=2, use_dora=True),
+@pytest.mark.parametrize("make, message", [
+    (lambda: lora.MultiheadAttention(8, 2, r=2, use_dora=True),
+     "use_dora=True is not supported by MultiheadAttention"),
+    (lambda: lora.Conv2d(3, 4, 3, r=2, use_dora=True),  # loralib's layout: PEFT's has DoRA
+     "use_dora=True on Conv2d needs lora_layout='peft'"),
+    (lambda: lora.Linear(4, 4, r=2, use_dora=True, lora_bias=True),
+     "lora_bias=True cannot be combined with use_dora=True"),
 ])
-def test_dora_on_an_unsupported_layer_is_refused_by_name(make):
-    with pytest.raises(ValueError, match="use_dora=True is not supported by"):
+def test_dora_on_an_unsupported_layer_is_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
         make()
 
 
@@ -211,10 +214,10 @@ def test_bad_use_dora_values_are_refused():
         lora.LoraConfig(use_dora=1)
 
 
-def test_injecting_dora_into_an_embedding_leaves_the_model_unchanged():
-    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6))
+def test_injecting_dora_into_attention_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.MultiheadAttention(6, 2), nn.Linear(6, 6))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="use_dora=True is not supported by Embedding"):
+    with pytest.raises(ValueError, match="use_dora=True is not supported by MultiheadAttention"):
         lora.inject_lora(model, lora.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
-    assert type(model[0]) is nn.Embedding and type(model[1]) is nn.Linear
+    assert type(model[0]) is nn.MultiheadAttention and type(model[1]) is nn.Linear
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
