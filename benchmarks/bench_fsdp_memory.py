@@ -6,8 +6,8 @@ job's own wrapping (:func:`lora_phi3.finetune.distributed.wrap_model`, ``fully_s
 layer and at the root) and only then materialised, so no process ever holds the whole model. The
 figures are the bytes each process holds: the local shards of every parameter, and every buffer
 (FSDP2 shards parameters only). One process is the unsharded model (what DDP keeps on every
-process). The NF4 rows quantise the base first (``quantize_base="nf4"``): its 4-bit storage is
-buffers, which FSDP2 replicates, which is why ``--fsdp`` refuses ``--quantize-base nf4`` today.
+process). The NF4 rows quantise the base first (``quantize_base="nf4"``); the job's wrapping
+registers the 4-bit storage as frozen parameters so that FSDP2 shards it too.
 
     python benchmarks/bench_fsdp_memory.py                  # 2 layers, 1/2/4 processes
     python benchmarks/bench_fsdp_memory.py --layers 4 --world 1 2
@@ -61,10 +61,13 @@ def _measure(rank: int, world: int, port: int, layers: int, quantize: bool, out)
     if world > 1:
         wrap_model(model, DistState(rank=rank, world_size=world), fsdp=True)
     model.to_empty(device="cpu")  # materialise only this process's shards
-    base = sum(_bytes(p) for p in model.parameters() if not p.requires_grad)
+    from lora_phi3.quant import NF4Weight
+    storage = [t for m in model.modules() if isinstance(m, NF4Weight)
+               for t in [*m._parameters.values(), *m._buffers.values()] if t is not None]
+    nf4_ids = {id(t) for t in storage}
+    base = sum(_bytes(p) for p in model.parameters() if not p.requires_grad and id(p) not in nf4_ids)
     adapters = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
-    buffers = sum(_bytes(b) for n, b in model.named_buffers()
-                  if ".quantized_weight." in n)  # the NF4 codes and scales
+    buffers = sum(_bytes(t) for t in storage)  # the NF4 codes and scales
     if rank == 0:
         out.put((world, quantize, base, adapters, buffers))
     if world > 1:

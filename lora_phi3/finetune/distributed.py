@@ -105,22 +105,16 @@ def teardown_distributed(state: DistState) -> None:
         dist.destroy_process_group()
 
 
-def check_fsdp(state: DistState, quantize_base: str | None = None) -> None:
+def check_fsdp(state: DistState) -> None:
     """Refuse an ``--fsdp`` run that cannot shard, before any data or model is loaded.
 
     Raises:
-        ValueError: a single process (no ``torchrun``, or ``--nproc_per_node 1``), or a quantized
-            base (its 4-bit storage is buffers, which FSDP2 replicates instead of sharding).
+        ValueError: a single process (no ``torchrun``, or ``--nproc_per_node 1``).
     """
     if not state.distributed:
         raise ValueError("training.fsdp (--fsdp) shards the model over processes, but this run "
                          f"has WORLD_SIZE={state.world_size}: launch it with torchrun "
                          "--nproc_per_node N (N >= 2), or drop --fsdp")
-    if quantize_base is not None:
-        raise ValueError(f"training.fsdp (--fsdp) with lora.quantize_base={quantize_base!r} is not "
-                         "supported yet: FSDP2 shards parameters only, and the NF4 storage is "
-                         "buffers it would replicate on every process (no memory saved). Use DDP "
-                         "(drop --fsdp) for QLoRA, or FSDP with a bf16 base (--bf16)")
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
@@ -136,7 +130,8 @@ def wrap_model(module: nn.Module, state: DistState, fsdp: bool = False) -> nn.Mo
     DDP only synchronises parameters with ``requires_grad``, i.e. the LoRA parameters here, and
     averages their gradients over ranks (the loop scales the loss by ``world_size`` to get a sum).
     FSDP2 (``fully_shard`` on every decoder layer, then the root) shards every parameter, frozen
-    or not, in its own dtype: a bf16 base stays bf16 and fp32 adapters stay fp32
+    or not, in its own dtype (an NF4 base's 4-bit storage too, registered as frozen parameters
+    for it): a bf16 base stays bf16 and fp32 adapters stay fp32
     (``MixedPrecisionPolicy(param_dtype=None)``), and gradients are reduce-scattered in fp32 and
     averaged over ranks as DDP's are. The module is sharded in place and returned.
     """
@@ -144,6 +139,11 @@ def wrap_model(module: nn.Module, state: DistState, fsdp: bool = False) -> nn.Mo
         check_fsdp(state)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from ..quant import NF4Weight
+
+        for m in module.modules():  # FSDP2 shards parameters only: the 4-bit storage becomes some
+            if isinstance(m, NF4Weight):
+                m.storage_as_parameters()
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
         for layer in decoder_layers(module):
             fully_shard(layer, mp_policy=policy)

@@ -94,7 +94,7 @@ class FinetuneJob:
         t = self.cfg
         self.dist = dist = setup_distributed(self.requested_device)
         if t.fsdp:
-            check_fsdp(dist, self.recipe.lora.quantize_base)  # before any data is read
+            check_fsdp(dist)  # before any data is read
         if self.recipe.is_demo:
             logger.warning(DEMO_NOTICE)
         self.recipe.model_kwargs.check_available()  # before any data is read

@@ -236,7 +236,7 @@ class _LinearLoRA(LoRALayer, nn.Linear):
         """``||W_i||^2`` of the frozen base per output row, fp32 ``(out,)``, cached until the base
         changes (a new tensor, an in-place write, or new quantized storage)."""
         base = self._frozen_base()
-        storage = base if isinstance(base, torch.Tensor) else base._buffers["codes"]
+        storage = base if isinstance(base, torch.Tensor) else base._field("codes")
         return cached(self, "_row_sq_cache", version_key(storage), lambda: weight_row_sq(
             base if isinstance(base, torch.Tensor) else base.dequantize()))
 

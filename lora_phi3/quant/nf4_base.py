@@ -61,18 +61,46 @@ class NF4Weight(nn.Module):
         return cls(nf4_quantize(weight.detach(), block_size, double_quant))
 
     def _set(self, q: NF4Tensor) -> None:
+        as_params = self.__dict__.get("_storage_as_parameters", False)
         for field, tensor in zip(_FIELDS, q.storage()):
-            self._buffers[field] = tensor  # None for the unused double-quant fields
+            self._buffers.pop(field, None)
+            self._parameters.pop(field, None)
+            if as_params and tensor is not None:
+                self._parameters[field] = nn.Parameter(tensor.reshape(-1), requires_grad=False)
+            else:
+                self._buffers[field] = tensor  # None for the unused double-quant fields
         self.shape, self.dtype, self.block_size = tuple(q.shape), q.dtype, q.block_size
         self.compute_dtype = q.compute_dtype
 
+    def _field(self, name: str) -> torch.Tensor | None:
+        """A storage tensor, wherever it is registered (a buffer, or a frozen parameter)."""
+        value = self._parameters.get(name)
+        if value is None:
+            return self._buffers.get(name)
+        return value.reshape(()) if name == "absmax_offset" else value  # 1-D as a parameter
+
+    def storage_as_parameters(self) -> None:
+        """Register the 4-bit storage as frozen ``nn.Parameter`` s instead of buffers (same
+        state-dict keys), so that FSDP2, which shards parameters only, shards it too
+        (``lora_phi3.finetune.distributed.wrap_model`` calls this before ``fully_shard``). The
+        0-dim ``absmax_offset`` becomes 1-D, as ``fully_shard`` requires; reads undo it."""
+        if self.__dict__.get("_storage_as_parameters", False):
+            return
+        self.__dict__["_storage_as_parameters"] = True
+        for field in _FIELDS:
+            tensor = self._buffers.pop(field, None)
+            if tensor is not None:
+                self._parameters[field] = nn.Parameter(tensor.reshape(-1), requires_grad=False)
+            else:
+                self._buffers[field] = None
+
     @property
     def device(self) -> torch.device:
-        return self._buffers["codes"].device
+        return self._field("codes").device
 
     @property
     def double_quant(self) -> bool:
-        return self._buffers["absmax_scale"] is not None
+        return self._field("absmax_scale") is not None
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +109,7 @@ class NF4Weight(nn.Module):
 
     def nf4_tensor(self) -> NF4Tensor:
         """The weight as an :class:`NF4Tensor` sharing this module's buffers."""
-        return NF4Tensor(*(self._buffers[f] for f in _FIELDS), torch.Size(self.shape), self.dtype,
+        return NF4Tensor(*(self._field(f) for f in _FIELDS), torch.Size(self.shape), self.dtype,
                          self.block_size, self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -109,10 +137,14 @@ class NF4Weight(nn.Module):
         # exactly as stored, and let a float cast change only the compute dtype. Device moves
         # (and to_empty) apply to the storage as usual.
         for name in _FIELDS:
-            tensor = self._buffers[name]
+            store = self._parameters if self._parameters.get(name) is not None else self._buffers
+            tensor = store.get(name)
             if tensor is not None:
                 moved = fn(tensor)
-                self._buffers[name] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+                kept = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+                if store is self._parameters and not isinstance(kept, nn.Parameter):
+                    kept = nn.Parameter(kept, requires_grad=False)
+                store[name] = kept
         device = self.device
         half = fn(torch.empty(0, dtype=torch.float16, device=device)).dtype
         brain = fn(torch.empty(0, dtype=torch.bfloat16, device=device)).dtype

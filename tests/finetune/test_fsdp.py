@@ -1,6 +1,6 @@
 """FSDP2 in the job (``--fsdp``), on CPU with gloo: two sharded processes train what one process
-trains with their joint batch, checkpoints hold whole tensors, a sharded run resumes on another
-process count, and a bad setup is refused before anything is loaded."""
+trains with their joint batch (fp32 base and NF4 base), checkpoints hold whole tensors, a sharded
+run resumes on another process count, and a bad setup is refused before anything is loaded."""
 
 from __future__ import annotations
 
@@ -135,8 +135,18 @@ def test_fsdp_without_torchrun_is_refused_before_loading(small_data, tmp_path, c
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before the run started
 
 
-def test_fsdp_with_a_quantized_base_is_refused_by_name(small_data, tmp_path):
-    proc = _torchrun(2, tmp_path, small_data, "--fsdp", "--quantize-base", "nf4", "--batch-size",
-                     "2", *RUN)
-    assert proc.returncode != 0
-    assert "lora.quantize_base='nf4' is not supported yet" in proc.stderr
+def test_two_sharded_processes_with_an_nf4_base_train_what_one_process_trains(small_data,
+                                                                              tmp_path):
+    # The 4-bit storage is sharded too (registered as frozen parameters for fully_shard).
+    one = tmp_path / "one"
+    assert main(["finetune", "--output-dir", str(one), "--data", small_data, "--quantize-base",
+                 "nf4", "--batch-size", "4", *RUN]) == 0
+    two = tmp_path / "two"
+    proc = _torchrun(2, two, small_data, "--fsdp", "--quantize-base", "nf4", "--batch-size", "2",
+                     *RUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _worst(_adapter(two / "checkpoint-1"), _adapter(one / "checkpoint-1")) <= 1e-6
+    assert _worst(_adapter(two / "adapter"), _adapter(one / "adapter")) <= 1e-4
+    assert [r[0] for r in _records(two)] == [1, 2, 3]
+    for (s1, l1, g1), (s2, l2, g2) in zip(_records(two), _records(one)):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-6) and g1 == pytest.approx(g2, rel=1e-5)
