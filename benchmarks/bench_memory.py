@@ -262,7 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lm-head", action="store_true", help="peak memory of the LM head + loss")
     ap.add_argument("--lm-tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32064)
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="hidden size of the --lm-head part (default: the decoder layer's, 3072)")
+    ap.add_argument("--lm-head-only", action="store_true",
+                    help="skip the decoder-layer table (e.g. Phi-4-mini's head: --lm-head-only "
+                         "--vocab 200064 --lm-tokens 4096)")
     args = ap.parse_args(argv)
+    if args.lm_head_only:
+        args.lm_head = True
     if args.clock == "thread" and args.threads != 1:
         ap.error(f"--clock thread needs --threads 1, got --threads {args.threads}")
     if args.threads:
@@ -272,16 +279,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decoder layer: hidden {s.hidden}, intermediate {s.intermediate}, {s.heads} heads, "
           f"T={s.tokens}, fp32; LoRA r={s.r} alpha={s.alpha} dropout={s.dropout} on "
           f"{', '.join(TARGETS)}\n")
-    mem = memory_table(s)
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    times = time_table(s, list(mem), args.repeats, args.warmup, clock) if args.time else {}
-    rows = [[v, f"{b / 2**20:.2f}", f"{b / mem['frozen']:.3f}", times.get(v)]
-            for v, b in mem.items()]
-    header = ["variant", "saved MiB", "saved vs frozen"] + \
-        ([f"step time vs frozen ({args.clock} clock)"] if times else [])
-    print(markdown_table(header, [r[:len(header)] for r in rows]))
+    if not args.lm_head_only:
+        mem = memory_table(s)
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        times = time_table(s, list(mem), args.repeats, args.warmup, clock) if args.time else {}
+        rows = [[v, f"{b / 2**20:.2f}", f"{b / mem['frozen']:.3f}", times.get(v)]
+                for v, b in mem.items()]
+        header = ["variant", "saved MiB", "saved vs frozen"] + \
+            ([f"step time vs frozen ({args.clock} clock)"] if times else [])
+        print(markdown_table(header, [r[:len(header)] for r in rows]))
     if args.lm_head:
-        hidden = s.hidden
+        hidden = args.hidden or s.hidden
         tokens = args.lm_tokens // (8 if args.quick else 1)
         vocab = args.vocab // (8 if args.quick else 1)
         print(f"\nLM head + loss: T={tokens}, hidden {hidden}, vocab {vocab}, fp32, frozen head; "
