@@ -23,7 +23,7 @@ QUANTIZE_METHODS = (None, "nf4")
 #: default.
 VARIANT_DEFAULTS: dict[str, Any] = {"use_rslora": False, "init_lora_weights": True,
                                      "use_dora": False, "trainable_token_indices": None,
-                                     "lora_bias": False}
+                                     "lora_bias": False, "target_parameters": None}
 
 
 @dataclass
@@ -66,6 +66,14 @@ class LoraConfig:
             to the layer's bias (a layer without one cannot merge). Linear layers (fused slices:
             on the adapted rows only) and convolutions; as in PEFT, not with ``use_dora``, and
             only with ``init_lora_weights`` True or False.
+        target_parameters: PEFT's option of that name: parameters adapted directly, for weights
+            that are no module's, such as the 3-D expert weights of a mixture of experts
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`` on Phi-3.5-MoE). Each entry
+            matches ``<module path>.<parameter name>`` as a dotted suffix; a 3-D ``(E, out, in)``
+            parameter gets one A/B pair per expert (see :mod:`lora_phi3.layers.param_lora`). With
+            it, ``target_modules=None`` adapts no module. As in PEFT, not with ``lora_dropout``,
+            ``use_dora``, ``lora_bias`` or a data-driven ``init_lora_weights``; nor (here) with
+            ``quantize_base``.
     """
 
     r: int = 8
@@ -83,6 +91,7 @@ class LoraConfig:
     use_dora: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -132,6 +141,28 @@ class LoraConfig:
                 and self.init_lora_weights is not False:
             raise ValueError("LoraConfig.lora_bias=True needs init_lora_weights True or False "
                              f"(PEFT's rule), got {self.init_lora_weights!r}")
+        self.target_parameters = _parameter_names(self.target_parameters)
+        if self.target_parameters:
+            self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        """Refuse what adapters on parameters cannot do, naming both fields."""
+        where = f"LoraConfig.target_parameters={self.target_parameters!r}"
+        if self.quantize_base is not None:
+            raise ValueError(f"{where} cannot be combined with quantize_base={self.quantize_base!r}: "
+                             "there is no quantized layer for parameters (expert weights stay "
+                             "dense); set quantize_base=None, or adapt only target_modules in 4 bits")
+        refused = [("lora_dropout", self.lora_dropout, self.lora_dropout != 0, "0.0"),
+                   ("use_dora", self.use_dora, self.use_dora, "False"),
+                   ("lora_bias", self.lora_bias, self.lora_bias, "False"),
+                   ("init_lora_weights", self.init_lora_weights,
+                    isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian",
+                    "True, False or 'gaussian'")]
+        for field, value, bad, allowed in refused:
+            if bad:
+                raise ValueError(f"{where} cannot be combined with {field}={value!r} (adapters on "
+                                 "parameters do not implement it; PEFT refuses dropout, DoRA and "
+                                 f"lora_bias there too); allowed with target_parameters: {allowed}")
 
     @property
     def scaling(self) -> float:
@@ -220,6 +251,19 @@ def _names(field_name: str, value: Any) -> list[str] | str | None:
         return list(value)
     raise ValueError(f"LoraConfig.{field_name} must be a list of module names or one regex "
                      f"string, got {value!r}")
+
+
+def _parameter_names(value: Any) -> list[str] | None:
+    """Validate ``target_parameters``: None, or a non-empty list of parameter paths (suffixes)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, str) and v and not v.startswith(".") and not v.endswith(".")
+            for v in value):
+        return list(value)
+    raise ValueError("LoraConfig.target_parameters must be None or a non-empty list of parameter "
+                     "paths such as 'mlp.experts.gate_up_proj' (dotted suffixes of "
+                     f"'<module>.<parameter>'; never one string, as in PEFT), got {value!r}")
 
 
 def _token_ids(value: Any) -> bool:

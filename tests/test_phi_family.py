@@ -7,10 +7,11 @@ the GQA ratio (Phi-3-medium and Phi-4: 40 / 10 heads -> 4 / 1), Phi-4-mini's hea
 not ``hidden_size // heads``, its partial rotary factor 0.75 and tied embeddings, the vocabularies
 scaled by 1/256, the 128k models' longrope (with inputs longer than the original context, so the
 long factors are used), and Phi-3.5-MoE's separate q/k/v with biases, LayerNorm, a router and
-experts. Phi-3.5-MoE's experts are 3-D parameters, not modules: adapting them needs
-``target_parameters``, which is not tested here. Each recipe in ``recipes/`` also trains its
-model's tiny shape through the whole job. Loading a Phi-3.5-MoE checkpoint for QLoRA is a strict
-xfail (a library gap, see its reason).
+experts. Phi-3.5-MoE's experts are 3-D parameters, not modules: their adapters
+(``target_parameters``, one A/B pair per expert) get the same checks at the end, against a dense
+reference written expert by expert and against PEFT both ways. Each recipe in ``recipes/`` also
+trains its model's tiny shape through the whole job. Loading a Phi-3.5-MoE checkpoint for QLoRA is
+a strict xfail (a library gap, see its reason).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lora_phi3 import (LoraConfig, LoRALayer, MergedLinear, export_peft, get_lor
                        import_peft, inject_lora, load_adapter, load_quantized_model, lora_modules,
                        merge_and_unload, merge_lora, save_adapter, unmerge_lora)
 from lora_phi3.finetune import FinetuneJob, load_recipe
+from lora_phi3.layers import LoRAExperts, ParamLoRA
 from runs import bundled_subset
 from tiny import randomize_lora
 
@@ -101,7 +103,7 @@ def kind(name: str) -> str:
 
 def default_targets(name: str) -> list[str] | None:
     """What a recipe uses: Phi-3's four fused projections (None: the injector's default), and
-    the attention projections of Phi-3.5-MoE (its experts need ``target_parameters``)."""
+    the attention projections of Phi-3.5-MoE (its experts take ``target_parameters``, below)."""
     return None if kind(name) == "phi3" else MOE_ATTENTION
 
 
@@ -303,6 +305,155 @@ def test_a_peft_trained_adapter_imports_with_peft_logits(name, tmp_path):
     merge_lora(per_slice)
     import_peft(per_slice, tmp_path / "peft")
     close(logits(per_slice), logits(theirs))
+
+
+# -- Phi-3.5-MoE's experts: target_parameters ---------------------------------------------------
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def expert_adapted(targets=None, seed: int = 1, **kw) -> tuple[nn.Module, nn.Module]:
+    """(the Phi-3.5-MoE base, a copy with expert adapters (and ``targets``), non-zero A and B)."""
+    plain = base("phi3.5-moe")
+    model = copy.deepcopy(plain)
+    inject_lora(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": targets,
+                                     "target_parameters": EXPERTS, **kw}))
+    return plain, randomize_lora(model, seed)
+
+
+def dense_expert_reference(plain: nn.Module, model: nn.Module) -> nn.Module:
+    """A copy of the base with ``W_e + s * B_e @ A_e`` written into every adapted expert, expert by
+    expert (and ``W + s * B @ A`` into every adapted module)."""
+    ref = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            if isinstance(m, ParamLoRA):
+                host, _, parameter = name.partition(".param_lora.")
+                W = getattr(ref.get_submodule(host), parameter)  # (E, out, in)
+                for e in range(W.shape[0]):
+                    W[e] += m.scaling * m.lora_B[:, :, e] @ m.lora_A[:, e]
+            else:
+                ref.get_submodule(name).weight += m.scaling * m.lora_B @ m.lora_A
+    return ref
+
+
+def test_expert_adapters_against_a_dense_reference():
+    cfg = base("phi3.5-moe").config
+    E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    for targets in (None, MOE_ATTENTION):
+        plain, model = expert_adapted(targets)
+        experts = model.model.layers[0].mlp.experts
+        assert isinstance(experts, LoRAExperts)
+        gate_up, down = experts.param_lora["gate_up_proj"], experts.param_lora["down_proj"]
+        assert gate_up.lora_A.shape == (4, E, H) and gate_up.lora_B.shape == (2 * I, 4, E)
+        assert down.lora_A.shape == (4, E, I) and down.lora_B.shape == (H, 4, E)
+        assert set(plain.state_dict()) < set(model.state_dict())  # the base keys are kept
+        close(logits(model), logits(dense_expert_reference(plain, model)))
+        with torch.no_grad():  # B = 0: the base model, bit for bit
+            for m in lora_modules(model).values():
+                m.lora_B.zero_()
+        assert torch.equal(logits(model), logits(plain))
+
+
+def test_all_linear_with_expert_adapters_never_adapts_the_router():
+    plain, model = expert_adapted("all-linear")
+    names = {n.rpartition(".")[2] for n in lora_modules(model)}
+    assert names == set(MOE_ATTENTION) | {"gate_up_proj", "down_proj"}
+    router = model.model.layers[0].mlp.router
+    assert type(router).__name__ == "PhimoeTopKRouter" and not router.weight.requires_grad
+    close(logits(model), logits(dense_expert_reference(plain, model)))
+
+
+def test_a_train_step_moves_only_the_expert_adapters():
+    model = base("phi3.5-moe")
+    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_parameters=EXPERTS))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".param_lora." in n and n.endswith(("lora_A", "lora_B"))
+                             for n in trainable)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=X, labels=X).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        for layer in lora_modules(model).values():
+            assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+        opt.step()
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_expert_merge_unmerge_and_merge_and_unload(tmp_path):
+    plain, model = expert_adapted(MOE_ATTENTION)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = logits(model)
+    merge_lora(model)
+    close(logits(model), want)
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # bit for bit
+    merged = merge_and_unload(model)
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "PhimoeExperts"
+    assert not any(isinstance(m, LoRALayer) for m in merged.modules())
+    close(logits(merged), want)
+    vanilla = copy.deepcopy(plain)
+    vanilla.load_state_dict(merged.state_dict(), strict=True)
+    close(logits(vanilla), want)
+    merged.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    close(logits(loaded), want)
+
+
+def test_expert_adapter_files_load_into_a_bare_model(tmp_path):
+    _, model = expert_adapted(MOE_ATTENTION)
+    save_adapter(model, tmp_path / "a")
+    again = load_adapter(base("phi3.5-moe"), tmp_path / "a")
+    close(logits(again), logits(model))
+    assert get_lora_config(again) == get_lora_config(model)
+
+
+def test_expert_export_loads_in_peft_with_the_same_logits(tmp_path):
+    from safetensors.torch import load_file
+    for i, targets in enumerate((None, MOE_ATTENTION)):
+        plain, ours = expert_adapted(targets)
+        export_peft(ours, tmp_path / f"p{i}")
+        st = load_file(str(tmp_path / f"p{i}" / "adapter_model.safetensors"))
+        key = "base_model.model.model.layers.0.mlp.experts.{}lora_{}.weight"
+        cfg = ours.config
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        # PEFT nests one wrapper per parameter: gate_up_proj (registered first) is the inner one
+        assert st[key.format("base_layer.", "A")].shape == (4 * E, H)
+        assert st[key.format("base_layer.", "B")].shape == (2 * I, 4 * E)
+        assert st[key.format("", "A")].shape == (4 * E, I) and st[key.format("", "B")].shape == (H, 4 * E)
+        theirs = peft.PeftModel.from_pretrained(base("phi3.5-moe"), tmp_path / f"p{i}").eval()
+        close(logits(theirs), logits(ours))
+        close(logits(theirs), logits(dense_expert_reference(plain, ours)))
+        close(logits(import_peft(base("phi3.5-moe"), tmp_path / f"p{i}")), logits(ours))
+
+
+def test_a_peft_trained_expert_adapter_imports_with_peft_logits(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MOE_ATTENTION,
+                             target_parameters=EXPERTS, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(base("phi3.5-moe"), config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-zero A and B
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.eval()
+    ours = import_peft(base("phi3.5-moe"), tmp_path / "peft")
+    assert isinstance(ours.model.layers[1].mlp.experts, LoRAExperts)
+    close(logits(ours), logits(theirs))
+    # into an injected model of ours with a higher rank and alpha: padded, the scaling folded in
+    _, wider = expert_adapted(MOE_ATTENTION, seed=9, r=8, lora_alpha=4)
+    merge_lora(wider)
+    import_peft(wider, tmp_path / "peft")
+    close(logits(wider), logits(theirs))
 
 
 # -- QLoRA (not in the family's list of checks; recorded because the MoE recipe would need it) ---

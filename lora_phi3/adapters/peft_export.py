@@ -11,7 +11,12 @@ path and the output projection's under ``<path>.base_layer.out_proj``; trainable
 ``trainable_token_indices``. Our per-slice adapters on a fused projection (``MergedLinear``) export
 exactly: the slices' ``A`` blocks are stacked and each ``B_i`` is placed block-diagonally in a full
 ``(out, r*k)`` matrix whose rows for unadapted slices are zero, so ``B_full @ A_stack`` is the
-fused delta (and a lora bias is 0 on the unadapted rows). Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
+fused delta (and a lora bias is 0 on the unadapted rows). An adapter on a parameter
+(``target_parameters``, PEFT's ``ParamWrapper``) is keyed by the path of the module holding the
+parameter, with one ``.base_layer`` per adapted parameter the module registers after it (PEFT nests
+one wrapper per parameter, the first innermost); a 3-D ``(E, out, in)`` parameter's pair is
+``lora_A`` ``(E * R, in)`` (expert ``e``'s rows ``[e * R, (e + 1) * R)``) and ``lora_B``
+``(out, R * E)`` (expert ``e``'s column ``k`` at ``k * E + e``). Every module is zero-padded to the largest rank ``R`` and ``lora_alpha`` is set to
 ``scaling * R``: one rank and one alpha, which PEFT and vLLM (which ignores ``rank_pattern`` /
 ``alpha_pattern``) both read the same way. See ``docs/adapters.md``; the import is
 :mod:`.peft_import`.
@@ -35,8 +40,9 @@ from ..atomic import atomic_write_dir
 from ..inject.injector import get_lora_config
 from ..inject.matching import is_hf_conv1d, under_any
 from ..inject.named import adapter_names, using_adapter
-from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
-                      TrainableTokens, lora_layers)
+from ..layers import (Embedding, Linear, LoRALayer, LoRAParameters, MergedLinear,
+                      MultiheadAttention, ParamLoRA, TrainableTokens, lora_layers)
+from ..layers.param_lora import param_lora_name, split_param_lora_name
 from ..layers.base import is_data_init
 from ..layers.conv import _ConvLoRA
 from ..layers.slices import iter_slices
@@ -46,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["export_peft", "peft_state_dict", "PEFT_WEIGHTS_FILE", "PEFT_CONFIG_FILE", "PEFT_PREFIX",
            "PEFT_TOKENS_KEY", "json_number", "peft_targetable", "compress_targets", "pad_rank",
-           "peft_path", "nested_in"]
+           "peft_path", "nested_in", "peft_param_paths", "parameter_candidates"]
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -60,7 +66,10 @@ def json_number(x: float) -> int | float:
 
 
 def peft_targetable(module: nn.Module) -> bool:
-    """True for the module types PEFT's LoRA wraps when a target name matches them."""
+    """True for the module types PEFT's LoRA wraps when a target name matches them (a host of
+    adapters on parameters counts as the module it stands for)."""
+    if isinstance(module, LoRAParameters):
+        module = module.base_module
     return isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd,
                                nn.MultiheadAttention)) or is_hf_conv1d(module)
 
@@ -76,13 +85,36 @@ def nested_in(name: str, names) -> str | None:
 def peft_path(path: str, wrapped) -> str:
     """``path`` as PEFT names it: ``.base_layer`` after every module in ``wrapped`` (the LoRA layers)
     that it passes through, since PEFT keeps the original module there
-    (``mha.out_proj`` -> ``mha.base_layer.out_proj``, ``fc.bias`` -> ``fc.base_layer.bias``)."""
+    (``mha.out_proj`` -> ``mha.base_layer.out_proj``, ``fc.bias`` -> ``fc.base_layer.bias``). A
+    ``wrapped`` mapping to an int wraps that module so many times (one ``ParamWrapper`` per
+    adapted parameter)."""
     parts, out = path.split("."), []
     for i, part in enumerate(parts[:-1]):
         out.append(part)
-        if ".".join(parts[:i + 1]) in wrapped:
-            out.append("base_layer")
+        prefix = ".".join(parts[:i + 1])
+        if prefix in wrapped:
+            depth = wrapped[prefix] if isinstance(wrapped, dict) else 1
+            out += ["base_layer"] * (depth if isinstance(depth, int) else 1)
     return ".".join(out + parts[-1:])
+
+
+def peft_param_paths(host: str, parameter_names: list[str]) -> dict[str, str]:
+    """Parameter name -> the module path PEFT keys its adapter under: PEFT wraps the module once
+    per adapted parameter in registration order, so the first is innermost
+    (``experts.base_layer`` for ``gate_up_proj``, ``experts`` for ``down_proj``)."""
+    k = len(parameter_names)
+    return {p: ".".join([host] + ["base_layer"] * (k - 1 - i)) for i, p in enumerate(parameter_names)}
+
+
+def parameter_candidates(model: nn.Module) -> dict[str, set[str]]:
+    """Parameter name -> the path ``<module>.<parameter>`` of every module's own parameter of that
+    name: what a short ``target_parameters`` entry selects in PEFT."""
+    out: dict[str, set[str]] = {}
+    for n, m in model.named_modules():
+        for p, t in m._parameters.items():
+            if n and t is not None:
+                out.setdefault(p, set()).add(f"{n}.{p}")
+    return out
 
 
 def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int, groups: int = 1
@@ -148,11 +180,11 @@ def _full_factors(name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tens
                          f"lora_layout={layer.lora_layout!r}; PEFT factorises convolutions "
                          "differently (A a full-kernel conv, B a 1x1 conv), so it cannot be exported "
                          "exactly. Build it with lora_layout='peft' (as inject_lora does)")
-    if isinstance(layer, (Linear, Embedding, MultiheadAttention, _ConvLoRA)):
-        return layer.lora_A.detach(), layer.lora_B.detach()
+    if isinstance(layer, (Linear, Embedding, MultiheadAttention, _ConvLoRA, ParamLoRA)):
+        return layer.lora_A.detach(), layer.lora_B.detach()  # ParamLoRA: ours, rank first
     raise ValueError(f"export_peft: {name} is a LoRA {type(layer).__name__}, which has no PEFT "
                      "form. Allowed layer types: Linear, MergedLinear, Embedding, Conv1d/2d/3d "
-                     "(lora_layout='peft'), MultiheadAttention, TrainableTokens")
+                     "(lora_layout='peft'), MultiheadAttention, TrainableTokens, ParamLoRA")
 
 
 def _full_magnitude(layer: LoRALayer) -> torch.Tensor:
@@ -227,6 +259,32 @@ def _rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
     return pattern
 
 
+def _check_parameter_targets(params: dict[str, ParamLoRA], use_dora: bool, lora_bias: bool,
+                             fan_in_fan_out: bool) -> None:
+    """PEFT's ``ParamWrapper`` refuses DoRA, ``lora_bias`` and ``fan_in_fan_out``, which PEFT sets
+    for a whole adapter: refuse a model mixing them with adapters on parameters."""
+    for flag, on in (("use_dora", use_dora), ("lora_bias", lora_bias),
+                     ("fan_in_fan_out", fan_in_fan_out)):
+        if params and on:
+            raise ValueError(f"export_peft: PEFT's adapters on parameters ({next(iter(params))}) "
+                             f"refuse {flag}=True, which PEFT sets for the whole adapter, and "
+                             f"another layer of this model needs it")
+
+
+def _param_wrapping(model: nn.Module, params: dict[str, ParamLoRA]) -> tuple[dict[str, str], dict[str, int]]:
+    """(adapter name -> the module path PEFT keys it under, host path -> how often PEFT wraps it)."""
+    keys, depth = {}, {}
+    for name in params:
+        host, _ = split_param_lora_name(name)
+        if host in depth:
+            continue
+        order = [p for p in model.get_submodule(host).param_lora if param_lora_name(host, p) in params]
+        depth[host] = len(order)
+        for p, path in peft_param_paths(host, order).items():
+            keys[param_lora_name(host, p)] = path
+    return keys, depth
+
+
 def _check_adapter_name(model: nn.Module, adapter_name: str | None, what: str) -> None:
     if adapter_name is not None and adapter_name not in adapter_names(model):
         raise ValueError(f"{what}: unknown adapter_name {adapter_name!r}; the model's adapters are "
@@ -271,6 +329,12 @@ def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
     factors = {name: _full_factors(name, layer) for name, layer in layers.items()}
     use_dora = _dora_flag(layers)
     lora_bias = _lora_bias_flag(layers)
+    fan_in_fan_out = any(getattr(l, "fan_in_fan_out", False) for l in layers.values())
+    params = {n: l for n, l in layers.items() if isinstance(l, ParamLoRA)}
+    _check_parameter_targets(params, use_dora, lora_bias, fan_in_fan_out)
+    param_keys, param_depth = _param_wrapping(model, params)
+    # PEFT's name of each adapter in rank_pattern / alpha_pattern: a parameter's is its own path
+    pattern_names = {n: ".".join(split_param_lora_name(n)) if n in params else n for n in layers}
     rank = max(A.shape[0] for A, _ in factors.values())
     s_ref = next(iter(layers.values())).scaling
     tensors: dict[str, torch.Tensor] = {}
@@ -290,6 +354,9 @@ def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
         a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding)
                         else ("lora_A.weight", "lora_B.weight"))
         path = peft_path(name, layers)
+        if isinstance(layer, ParamLoRA):  # keyed by its module, in PEFT's 2-D layout
+            path = param_keys[name]
+            A, B = layer.peft_factors(A, B)
         tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = A
         tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = B
         if use_dora:  # zero padding and a B folded to s_ref leave every row's norm unchanged
@@ -304,17 +371,21 @@ def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
                        "PEFT's outputs differ from ours on out_proj until PEFT is fixed")
     # Biases and modules_to_save: PEFT keeps the bias of a wrapped module under ``base_layer``.
     own = adapter_param_keys(model)
+    wrapped = {**{n: 1 for n in layers if n not in params}, **param_depth}
     for key, t in adapter_state_dict(model).items():
         if key not in own:
-            tensors[PEFT_PREFIX + peft_path(key, layers)] = t
+            tensors[PEFT_PREFIX + peft_path(key, wrapped)] = t
     config = get_lora_config(model)
     to_save = config.modules_to_save if config is not None else None
     candidates: dict[str, set[str]] = {}
     for n, m in model.named_modules():
         if n and peft_targetable(m) and not under_any(n, to_save):  # PEFT never adapts modules_to_save
             candidates.setdefault(n.rpartition(".")[2], set()).add(n)
-    targets = compress_targets(list(ranks), candidates)
-    rank_pattern = {} if pad_to_max_rank else _rank_pattern(ranks, rank)
+    targets = compress_targets([n for n in ranks if n not in params], candidates)
+    target_parameters = compress_targets([pattern_names[n] for n in params],
+                                         parameter_candidates(model)) or None
+    rank_pattern = {} if pad_to_max_rank else \
+        _rank_pattern({pattern_names[n]: r for n, r in ranks.items()}, rank)
     # rsLoRA when every layer has it (alpha / sqrt(r)), else alpha / r: either way alpha is chosen
     # so that PEFT's scaling is s_ref, and the logits are ours.
     rslora = all(getattr(layer, "use_rslora", False) for layer in layers.values())
@@ -328,7 +399,7 @@ def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
         "bias": config.bias if config is not None else "none",
         "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
         "exclude_modules": None,
-        "fan_in_fan_out": any(getattr(l, "fan_in_fan_out", False) for l in layers.values()),
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True, "kasa_config": None,
         # a PiSSA/OLoRA adapter is exported converted: a plain init on the original base
         "init_lora_weights": config.init_lora_weights if config is not None
@@ -341,7 +412,7 @@ def _peft_state_dict(model: nn.Module, pad_to_max_rank: bool
         "modules_to_save": list(config.modules_to_save) if config is not None
         and config.modules_to_save else None,
         "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "r": rank,
-        "rank_pattern": rank_pattern, "revision": None, "target_modules": targets, "target_parameters": None,
+        "rank_pattern": rank_pattern, "revision": None, "target_modules": targets, "target_parameters": target_parameters,
         "task_type": "CAUSAL_LM" if _is_causal_lm(model) else None,
         "trainable_token_indices": {n: list(l.token_indices) for n, l in tokens.items()} or None,
         "use_bdlora": None, "use_dora": use_dora,

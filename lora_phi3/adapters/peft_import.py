@@ -4,7 +4,9 @@ A PEFT file holds one ``lora_A`` ``(R, in)`` / ``lora_B`` ``(out, R)`` pair per 
 for a convolution), with DoRA a magnitude and with ``lora_bias`` a ``lora_B.bias`` per module, and
 trainable tokens' values (the format is described in :mod:`.peft_export`).
 Into an injected model each pair is mapped exactly onto the layer's own layout (a fused update onto
-per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices) or refused; a bare
+per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices) or refused; adapters on
+parameters (``target_parameters``) are found by PEFT's rules on the model and renamed to
+:class:`~lora_phi3.layers.ParamLoRA` layers (``<module>.param_lora.<parameter>``); a bare
 model is first injected with a config derived from the file; into a model with other named
 adapters the file becomes a new one (``adapter_name``).
 """
@@ -24,13 +26,15 @@ import torch.nn.functional as F
 from ..config import LoraConfig
 from ..inject import phi3
 from ..inject.injector import check_adapter_name, inject_lora
-from ..inject.matching import is_hf_conv1d
+from ..inject.matching import is_hf_conv1d, param_plan
 from ..inject.named import add_adapter, adapter_names, delete_adapter, using_adapter
-from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention,
+from ..layers import (Embedding, Linear, LoRALayer, MergedLinear, MultiheadAttention, ParamLoRA,
                       TrainableTokens, lora_layers)
 from ..layers.conv import _ConvLoRA
+from ..layers.param_lora import from_peft_factors, param_lora_name
 from .peft_export import (PEFT_CONFIG_FILE, PEFT_PREFIX, PEFT_TOKENS_KEY, PEFT_WEIGHTS_FILE,
-                          compress_targets, json_number, pad_rank, peft_targetable)
+                          compress_targets, json_number, pad_rank, parameter_candidates,
+                          peft_param_paths, peft_targetable)
 from .schema import is_int, is_number, is_positive_number
 from .state import adapter_param_keys, adapter_state_dict, injected_preview, is_bare
 from .validate import decode_safetensors, non_float_keys, read_json
@@ -40,7 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["import_peft"]
 
 # LoRA variants whose forward differs from plain LoRA: refused on import rather than mis-loaded.
-_UNSUPPORTED = ("use_qalora", "layer_replication", "target_parameters",
+_UNSUPPORTED = ("use_qalora", "layer_replication",
                 "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config",
                 "monteclora_config")
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -94,6 +98,15 @@ def _check_peft_config(cfg: dict[str, Any], where: str) -> None:
             isinstance(k, str) and _token_ids(v) for k, v in tokens.items())):
         raise ValueError(f"{where}: trainable_token_indices must be a list of token ids, an object "
                          f"{{module name: [token ids]}} or null, got {tokens!r}")
+    params = cfg.get("target_parameters")
+    if params is not None and not (isinstance(params, list) and all(isinstance(n, str) and n
+                                                                    for n in params)):
+        raise ValueError(f"{where}: target_parameters must be a list of parameter names or null, "
+                         f"got {params!r}")
+    for field in ("lora_dropout", "use_dora", "lora_bias"):
+        if params and cfg.get(field):
+            raise ValueError(f"{where}: target_parameters with {field}={cfg[field]!r}, which PEFT "
+                             "refuses on parameters too")
     for field in _UNSUPPORTED:
         if cfg.get(field):
             raise ValueError(f"{where}: {field}={cfg[field]!r} is a LoRA variant this library does "
@@ -120,8 +133,8 @@ def _peft_scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
 
 def _pattern_name(name: str, entry: dict[str, Any]) -> str:
     """The module whose ``rank_pattern``/``alpha_pattern`` entry applies: an MHA's out_proj adapter
-    takes its attention's."""
-    return entry.get("owner") or name
+    takes its attention's; an adapter on a parameter, the parameter's path."""
+    return entry.get("pattern") or entry.get("owner") or name
 
 
 def _token_indices_for(cfg: dict[str, Any], name: str) -> list[int] | None:
@@ -255,6 +268,8 @@ def _fit(name: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, s_peft: 
     """Express PEFT's ``s_peft * B @ A`` exactly in ``layer``'s own layout, or report why not."""
     if isinstance(layer, _ConvLoRA):
         return _fit_conv(name, layer, A, B, s_peft, problems)
+    if isinstance(layer, ParamLoRA):
+        return _fit_parameter(name, layer, A, B, s_peft, problems)
     if isinstance(layer, MergedLinear):
         slices, out = layer.lora_slices, layer.out_features
     elif isinstance(layer, Embedding):
@@ -320,6 +335,77 @@ def _fit_conv(name: str, layer: _ConvLoRA, A: torch.Tensor, B: torch.Tensor, s_p
     A, B = pad_rank(A.float(), B.float(), layer.r, layer.groups)  # r % groups: the layer checked
     ratio = s_peft / layer.scaling
     return A.to(layer.lora_A.dtype), (B if ratio == 1.0 else B * ratio).to(layer.lora_B.dtype)
+
+
+def _fit_parameter(name: str, layer: ParamLoRA, A: torch.Tensor, B: torch.Tensor, s_peft: float,
+                   problems: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A pair already in :class:`ParamLoRA`'s layout (see :func:`_parameter_entries`) at the layer's
+    rank, zero-padded, with any scaling ratio folded into ``B``."""
+    want_A, want_B = tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)
+    if A.shape[1:] != want_A[1:] or B.shape[0] != want_B[0] or B.shape[2:] != want_B[2:] \
+            or A.shape[0] != B.shape[1]:
+        problems.append(f"shape mismatch for {name}: file lora_A {tuple(A.shape)}, lora_B "
+                        f"{tuple(B.shape)} (in this layout); model needs lora_A {want_A}, lora_B "
+                        f"{want_B} at rank <= {layer.r}")
+        return None
+    if A.shape[0] > layer.r:
+        problems.append(f"{name}: the file's rank {A.shape[0]} exceeds the model's layer r={layer.r}")
+        return None
+    A, B = pad_rank(A.float(), B.float(), layer.r)
+    ratio = s_peft / layer.scaling
+    return A.to(layer.lora_A.dtype), (B if ratio == 1.0 else B * ratio).to(layer.lora_B.dtype)
+
+
+def _parameter_entries(model: nn.Module, cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
+                       where: str) -> dict[str, dict[str, Any]]:
+    """``modules`` with PEFT's adapters on parameters renamed to our layers and re-laid out.
+
+    PEFT keys such an adapter by its module's path with one ``.base_layer`` per adapted parameter
+    registered after it; the parameters are found on ``model`` by PEFT's rule (a dotted suffix of
+    ``<module>.<parameter>``), and each pair becomes ``<module>.param_lora.<parameter>`` in
+    :class:`~lora_phi3.layers.ParamLoRA`'s layout (``(R, E, in)``, ``(out, R, E)``). The ranks
+    ``_read_peft`` left unchecked are checked here.
+
+    Raises:
+        ValueError: an entry matches no parameter of the model, or a pair does not fit its parameter.
+    """
+    if not cfg.get("target_parameters"):
+        return modules
+    try:
+        plan = param_plan(model, LoraConfig(target_parameters=list(cfg["target_parameters"])))
+    except ValueError as e:
+        raise ValueError(f"{where} does not fit the model (nothing was changed): {e}") from None
+    modules, problems = dict(modules), []
+    for host, spec in plan.items():
+        holder = model.get_submodule(host)
+        # the parameters the file's entries select, in registration order: PEFT's nesting
+        for parameter, path in peft_param_paths(host, spec.parameter_names).items():
+            entry = modules.pop(path, None)
+            if entry is None:
+                continue  # strict loading reports the missing adapter by our name
+            rank = _peft_rank(cfg, f"{host}.{parameter}")
+            shape = holder._parameters[parameter].shape
+            experts = shape[0] if len(shape) == 3 else 1
+            try:
+                if entry["A"].shape[0] != rank * experts:
+                    raise ValueError(f"lora_A has {entry['A'].shape[0]} rows, the config's rank "
+                                     f"{rank} (r, or its rank_pattern entry) x {experts} expert(s)")
+                A, B = from_peft_factors(entry["A"], entry["B"], shape)
+            except ValueError as e:
+                problems.append(f"{path} (adapting {host}.{parameter}): {e}")
+                continue
+            modules[param_lora_name(host, parameter)] = {
+                "A": A, "B": B, "embedding": False, "parameter": parameter,
+                "pattern": f"{host}.{parameter}"}
+    for name, entry in modules.items():  # the module entries' ranks, deferred by _read_peft
+        rank = _peft_rank(cfg, _pattern_name(name, entry))
+        if "parameter" not in entry and entry["A"].shape[0] != rank:
+            problems.append(f"{name}: lora_A has rank {entry['A'].shape[0]}, the config says {rank} "
+                            "(r, or its rank_pattern entry)")
+    if problems:
+        raise ValueError(f"{where} does not fit the model (nothing was changed): "
+                         + "; ".join(problems))
+    return modules
 
 
 def _base_rows(module: nn.Module) -> torch.Tensor:
@@ -416,10 +502,14 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
         prefix = n[: len(n) - len(n.rpartition(".")[2])]
         for alias in slice_map[n].slice_names if n in slice_map else ():
             candidates.setdefault(alias, set()).add(prefix + alias)
-    chosen, rank = [], 0
+    chosen, parameters, rank = [], [], 0
     for name in sorted(modules):
         B = modules[name]["B"]
         fused = slice_map.get(name)
+        if "parameter" in modules[name]:  # an adapter on a parameter keeps PEFT's rank
+            parameters.append(modules[name]["pattern"])
+            rank = max(rank, modules[name]["A"].shape[0])
+            continue
         if B.dim() > 2:  # a convolution: A's rank, in blocks of its groups
             chosen.append(name)
             rank = max(rank, modules[name]["A"].shape[0])
@@ -449,7 +539,9 @@ def _derived_config(cfg: dict[str, Any], modules: dict[str, dict[str, Any]],
                       use_rslora=rslora, use_dora=bool(cfg.get("use_dora")),
                       lora_bias=bool(cfg.get("lora_bias")),
                       lora_dropout=float(cfg.get("lora_dropout") or 0.0),
-                      target_modules=compress_targets(chosen, candidates),
+                      target_modules=compress_targets(chosen, candidates) or None,
+                      target_parameters=compress_targets(parameters,
+                                                         parameter_candidates(model)) or None,
                       bias=cfg.get("bias") or "none", modules_to_save=list(to_save) if to_save else None,
                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
                       trainable_token_indices=dict(tokens) or None)
@@ -467,9 +559,10 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True,
     PEFT update onto per-slice adapters, rank padding, a block-diagonal ``B`` back to its slices)
     or refused. Keys may carry the ``base_model.model.`` prefix and an adapter name
     (``lora_A.default.weight``). Convolutions load into ``lora_layout="peft"`` layers,
-    ``nn.MultiheadAttention`` adapters into :class:`~lora_phi3.layers.MultiheadAttention`, and
-    ``trainable_token_indices`` into :class:`~lora_phi3.layers.TrainableTokens`; DoRA
-    magnitudes (linear, embedding, convolution) and ``lora_bias`` load too.
+    ``nn.MultiheadAttention`` adapters into :class:`~lora_phi3.layers.MultiheadAttention`,
+    ``trainable_token_indices`` into :class:`~lora_phi3.layers.TrainableTokens`, and
+    ``target_parameters`` adapters (e.g. MoE experts) into :class:`~lora_phi3.layers.ParamLoRA`
+    layers; DoRA magnitudes (linear, embedding, convolution) and ``lora_bias`` load too.
 
     Args:
         model: a transformers model (e.g. ``Phi3ForCausalLM``) or any module.
@@ -494,6 +587,7 @@ def import_peft(model: nn.Module, path: str | Path, strict: bool = True,
     path = Path(path)
     where = f"PEFT adapter {str(path)!r}"
     cfg, modules, extras, tokens, token_ids = _read_peft(path, where)
+    modules = _parameter_entries(model, cfg, modules, where)
     if adapter_name is not None and not is_bare(model):
         if adapter_name in adapter_names(model):
             raise ValueError(f"import_peft: the model already has an adapter {adapter_name!r} "
@@ -546,7 +640,9 @@ def _read_peft(path: Path, where: str):
         pair = _pair_problem(A, B, entry.get("bias"))
         if pair is not None:
             problems.append(f"{name}: {pair}")
-        elif A.shape[0] != rank:
+        elif A.shape[0] != rank and not cfg.get("target_parameters"):
+            # (with target_parameters, an expert parameter's A has rank * experts rows, and which
+            # entries are parameters only the model tells: _parameter_entries checks them)
             problems.append(f"{name}: lora_A has rank {A.shape[0]}, the config says {rank} "
                             "(r, or its rank_pattern entry)")
         owner = entry.get("owner")
@@ -576,6 +672,8 @@ def _model_problems(model: nn.Module, modules: dict[str, dict[str, Any]],
     (checked before a config is derived from the file and injected)."""
     named, problems = dict(model.named_modules()), []
     for name, entry in modules.items():
+        if "parameter" in entry:  # matched and shape-checked against the model already
+            continue
         A, B = entry["A"], entry["B"]
         want = _pair_shapes(named[name], A.shape[0]) if name in named else None
         if want is None:

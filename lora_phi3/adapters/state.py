@@ -18,14 +18,17 @@ import torch.nn as nn
 from ..config import LoraConfig
 from ..inject.injector import get_lora_config, inject_lora
 from ..inject.matching import under_any
-from ..layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, lora_layers
+from ..layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, ParamLoRA,
+                      lora_layers)
 
 __all__ = ["adapter_state_dict", "adapter_param_keys", "module_meta", "is_bare", "injected_preview", "to_saveable"]
 
 # The layer family a module belongs to (MergedLinear first: it is not a Linear subclass, but a
 # quantized variant may subclass either); files are compared by family, so an adapter trained
-# over an NF4 base loads into the same layers over a bf16 base.
-_KINDS = (MergedLinear, Linear, Embedding, Conv1d, Conv2d, Conv3d)
+# over an NF4 base loads into the same layers over a bf16 base. ParamLoRA is an adapter on a
+# parameter (target_parameters): its file path is ``<module>.param_lora.<parameter>``, and its
+# tensors' shapes carry the experts.
+_KINDS = (MergedLinear, Linear, Embedding, Conv1d, Conv2d, Conv3d, ParamLoRA)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

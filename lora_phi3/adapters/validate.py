@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 
 from ..config import VARIANT_DEFAULTS, LoraConfig
 from ..layers import lora_layers
+from ..layers.param_lora import split_param_lora_name
 from .schema import MODULE_FIELDS
 from .state import adapter_state_dict, module_meta
 
@@ -31,7 +32,7 @@ __all__ = ["FLOAT_DTYPES", "dtype_name", "decode_safetensors", "read_json", "non
 # The tensors every LoRA layer holds (variants may add more: LoRALayer.adapter_param_names),
 # and the layer kinds that hold others instead.
 _LORA_PARAMS = ("lora_A", "lora_B")
-_KIND_PARAMS = {"TrainableTokens": ("token_values",)}
+_KIND_PARAMS = {"TrainableTokens": ("token_values",), "ParamLoRA": _LORA_PARAMS}
 _ANY_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "lora_bias", "token_values")
 
 # The dtypes an adapter tensor may have (anything else is refused, never cast).
@@ -179,10 +180,16 @@ def check_config(model_cfg: LoraConfig | None, saved: dict[str, Any] | None) -> 
 
 
 def check_modules_exist(model: nn.Module, modules: dict[str, Any]) -> list[str]:
-    """Before injecting into a bare model: every saved module must exist with matching shapes."""
+    """Before injecting into a bare model: every saved module must exist with matching shapes (an
+    adapter on a parameter, ``<module>.param_lora.<parameter>``: that parameter, ``(out, in)`` or
+    ``(experts, out, in)``)."""
     problems = []
     named = dict(model.named_modules())
     for name, meta in modules.items():
+        host = split_param_lora_name(name) if meta.get("kind") == "ParamLoRA" else None
+        if host is not None:
+            problems += _parameter_problems(named, name, host, meta)
+            continue
         module = named.get(name)
         if module is None:
             problems.append(f"module {name} (in the file) does not exist in the model")
@@ -193,3 +200,17 @@ def check_modules_exist(model: nn.Module, modules: dict[str, Any]) -> list[str]:
                 problems.append(f"module {name}: {attr} is {getattr(module, attr)} in the model, "
                                 f"{meta[attr]} in the file")
     return problems
+
+
+def _parameter_problems(named: dict[str, nn.Module], name: str, host: tuple[str, str],
+                        meta: dict[str, Any]) -> list[str]:
+    """Why the parameter a saved :class:`~lora_phi3.layers.ParamLoRA` adapts is not in the model."""
+    module_name, parameter = host
+    module = named.get(module_name)
+    param = None if module is None else module._parameters.get(parameter)
+    if param is None:
+        return [f"module {name} (in the file) adapts {module_name}.{parameter}, which is no "
+                "parameter of the model"]
+    have = {"out_features": param.shape[-2], "in_features": param.shape[-1]}
+    return [f"module {name}: {attr} is {have[attr]} in the model's {module_name}.{parameter}, "
+            f"{meta[attr]} in the file" for attr in have if attr in meta and meta[attr] != have[attr]]

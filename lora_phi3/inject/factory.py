@@ -5,7 +5,10 @@ over a quantized base); :func:`plain_module` is its inverse, used by ``merge_and
 Convolutions get PEFT's factorisation (``lora_layout="peft"``), so an injected model exports to and
 imports from PEFT exactly; ``nn.MultiheadAttention`` gets :class:`~lora_phi3.layers.MultiheadAttention`
 (its ``out_proj`` a LoRA ``Linear`` inside it); the embeddings of ``trainable_token_indices`` get
-:class:`~lora_phi3.layers.TrainableTokens`. A
+:class:`~lora_phi3.layers.TrainableTokens`; a module whose parameters ``target_parameters`` selects
+gets a host holding a :class:`~lora_phi3.layers.ParamLoRA` per parameter
+(:class:`~lora_phi3.layers.LoRAExperts` for transformers' experts, else
+:class:`~lora_phi3.layers.LoRAParameters`). A
 quantized base is dispatched by ``LoraConfig.quantize_base`` to its builder in
 :mod:`lora_phi3.quant` (PEFT's ``dispatch_*`` style): the injector imports the formats it knows,
 and nothing registers itself at import time.
@@ -20,11 +23,12 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear,
-                      MultiheadAttention, TrainableTokens)
+from ..layers import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRAExperts, LoRALayer,
+                      LoRAParameters, MergedLinear, MultiheadAttention, ParamLoRA, TrainableTokens,
+                      is_experts_module)
 from ..layers.base import is_data_init
 from ..quant import qlora
-from .matching import SliceSpec, TokenSpec, is_hf_conv1d
+from .matching import ParamSpec, SliceSpec, TokenSpec, is_hf_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +107,8 @@ def check_lora_target(module: nn.Module, name: str, config: LoraConfig,
     if isinstance(slice_spec, TokenSpec):
         return
     try:
-        _layer_class(module).check_variants(config.use_dora, config.lora_bias)
+        kind = ParamLoRA if isinstance(slice_spec, ParamSpec) else _layer_class(module)
+        kind.check_variants(config.use_dora, config.lora_bias)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 
@@ -118,7 +123,8 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
 
     Args:
         slice_spec: the plan's entry for ``module``: a :class:`SliceSpec` (slices of a fused
-            projection), a :class:`TokenSpec` (trainable tokens) or None (the whole module).
+            projection), a :class:`TokenSpec` (trainable tokens), a :class:`ParamSpec` (adapters
+            on its parameters: the host that stands for it) or None (the whole module).
 
     Raises:
         NotImplementedError: ``config.quantize_base`` names no known quantized layer.
@@ -129,6 +135,8 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     """
     new: LoRALayer
     check_lora_target(module, name, config, slice_spec)  # the variant refusals, named
+    if isinstance(slice_spec, ParamSpec):
+        return _parameter_host(module, name, config, slice_spec)
     if isinstance(slice_spec, TokenSpec):
         new = TrainableTokens.from_embedding(module, slice_spec.token_indices, merge_weights=False,
                                              init_lora_weights=config.init_lora_weights)
@@ -165,6 +173,23 @@ def make_lora_module(module: nn.Module, name: str, config: LoraConfig,
     return _keep_base(new, module)
 
 
+def _parameter_host(module: nn.Module, name: str, config: LoraConfig,
+                    spec: ParamSpec) -> LoRAParameters:
+    """The host of ``module``'s adapters on ``spec.parameter_names``: :class:`LoRAExperts` for
+    transformers' experts layout (a low-rank forward per expert), else :class:`LoRAParameters` (the
+    module's own forward with the dense ``W + s * B @ A``). It keeps ``module`` itself."""
+    dtypes = {module._parameters[p].dtype for p in spec.parameter_names}
+    half = bool(dtypes & {torch.float16, torch.bfloat16})
+    kwargs = dict(r=config.r, lora_alpha=config.lora_alpha, merge_weights=False,
+                  lora_dtype=torch.float32 if half else None, use_rslora=config.use_rslora,
+                  init_lora_weights=config.init_lora_weights)
+    host = LoRAExperts if is_experts_module(module) else LoRAParameters
+    try:
+        return host(module, spec.parameter_names, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def _keep_base(new: LoRALayer, module: nn.Module) -> LoRALayer:
     """Keep the original module (minus its parameters, which now live in the LoRA layer, or were
     quantized and freed) so merge_and_unload returns the very class it replaced, hooks and
@@ -189,8 +214,11 @@ def _dense_linear_lora(module: nn.Module, config: LoraConfig, slice_spec: SliceS
                               fan_in_fan_out=fan_in_fan_out, **common)
 
 
-def plain_module(layer: LoRALayer) -> nn.Module:
-    """The torch module ``layer`` stands for, holding its (merged) weight and bias."""
+def plain_module(layer: LoRALayer | LoRAParameters) -> nn.Module:
+    """The torch module ``layer`` (or a host of adapters on parameters) stands for, holding its
+    (merged) weight and bias."""
+    if isinstance(layer, LoRAParameters):
+        return layer.to_base_module()
     base = layer.__dict__.get(BASE_ATTR)
     if base is not None:
         for key in base._parameters:

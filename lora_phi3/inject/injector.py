@@ -21,12 +21,12 @@ import torch.nn as nn
 
 from . import phi3
 from ..config import LoraConfig
-from ..layers import LoRALayer, enable_input_recompute, lora_layers
+from ..layers import LoRALayer, LoRAParameters, ParamLoRA, enable_input_recompute, lora_layers
 from ..layers.base import is_data_init
 from .factory import (check_lora_target, make_lora_module, plain_module, quantized_check,
                       quantized_factory)
-from .matching import (SliceSpec, TokenSpec, adaptable_names, is_hf_conv1d, plan_targets,
-                       saved_module_names)
+from .matching import (ParamSpec, SliceSpec, TokenSpec, adaptable_names, is_hf_conv1d,
+                       plan_targets, saved_module_names)
 from ..utils import mark_only_lora_as_trainable
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
 
     Args:
         model: any ``nn.Module``; a Phi-3 model gets the fused-projection map.
-        config: what to adapt. ``target_modules=None`` means ``phi3.DEFAULT_TARGETS`` on Phi-3.
+        config: what to adapt. ``target_modules=None`` means ``phi3.DEFAULT_TARGETS`` on Phi-3,
+            and no module at all when ``target_parameters`` is set (its parameters get adapters;
+            the module holding them is replaced by a host, see :mod:`lora_phi3.layers.param_lora`).
         input_recompute: False opts out of the lean path (every adapter saves its own input);
             a run option, not part of the adapter, so it is not stored in ``config``.
         adapter_name: the adapter's name (PEFT's ``"default"``); more adapters join with
@@ -162,7 +164,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
                          "first to bake the current one in, or load other weights into the same "
                          "layers with load_adapter")
     targets = config.target_modules
-    if targets is None:
+    if targets is None and not config.target_parameters:
         if not phi3.is_phi3(model):
             raise ValueError(f"LoraConfig.target_modules is None, which only has a default for "
                              f"Phi-3; {type(model).__name__} needs explicit target_modules (a list "
@@ -171,11 +173,11 @@ def inject_lora(model: nn.Module, config: LoraConfig, input_recompute: bool = Tr
         targets = list(phi3.DEFAULT_TARGETS)
     if config.quantize_base is not None:
         quantized_factory(config)  # fail before any module is replaced
-    plan = plan_targets(model, config, targets)
+    plan = plan_targets(model, config, targets, with_parameters=True)
     check = quantized_check(config)
     if check is not None:
         for name, spec in plan.items():  # every refusal happens here, before the first replacement
-            if not isinstance(spec, TokenSpec):  # trainable tokens keep their dense table
+            if not isinstance(spec, (TokenSpec, ParamSpec)):  # these keep their dense tensors
                 check(model.get_submodule(name), name)
     for name, spec in plan.items():  # the layers' own refusals (DoRA, lora_bias), all first
         check_lora_target(model.get_submodule(name), name, config, spec)
@@ -263,7 +265,8 @@ def _shared_weights(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]
                 owners.setdefault(id(param), []).append((mname, module))
     bad = []
     for name, layer in layers.items():
-        others = [n for n, m in owners.get(id(layer.weight), []) if m is not layer]
+        own = (layer, getattr(layer, "host", layer))  # an adapter on a parameter: its host's weight
+        others = [n for n, m in owners.get(id(layer.weight), []) if all(m is not o for o in own)]
         if others:
             bad.append(f"{name} (weight shared with {others})")
     return bad
@@ -344,8 +347,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     """Merge every adapter and put the plain torch modules back (same storage, no copies).
 
     Each LoRA layer made by :func:`inject_lora` is replaced by the very module it replaced
-    (``nn.Linear``, transformers ``Conv1D``, ...) now holding the merged weight, so the state dict
-    has the vanilla model's keys. The hooks :func:`inject_lora` added (input grad, input recompute)
+    (``nn.Linear``, transformers ``Conv1D``, an experts module, ...) now holding the merged weight,
+    so the state dict has the vanilla model's keys. The hooks :func:`inject_lora` added (input grad, input recompute)
     and the stored config are removed; ``requires_grad`` flags are left as they are.
 
     Args:
@@ -362,7 +365,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     merge_lora(model, safe_merge=safe_merge)
     _remove_recompute_hooks(model)
     paths = _paths(model)
-    layers = {id(m): m for m in model.modules() if isinstance(m, LoRALayer)}
+    # An adapter on a parameter leaves with its host (which gives back the module it stands for).
+    layers = {id(m): m for m in model.modules()
+              if isinstance(m, (LoRALayer, LoRAParameters)) and not isinstance(m, ParamLoRA)}
     for key, layer in layers.items():
         plain = plain_module(layer)
         for path in paths[key]:

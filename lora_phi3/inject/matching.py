@@ -11,7 +11,9 @@ adapted together, as in PEFT). ``trainable_token_indices`` adds the embeddings i
 matches nothing is an error that lists what the model has. A subclass of a supported type that
 defines its own ``forward`` (a MoE router) is never swapped: ``"all-linear"`` skips it, and naming
 it is an error. The same suffix rules decide which parameters ``modules_to_save`` covers, in the
-adapter files and in the PEFT export (:func:`matches`, :func:`under_any`).
+adapter files and in the PEFT export (:func:`matches`, :func:`under_any`). ``target_parameters``
+selects parameters as PEFT does: an entry matches the path ``<module>.<parameter>`` of a module's
+own parameter if equal to it or a dotted suffix of it (:class:`ParamSpec`, :func:`param_plan`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..layers import LoRALayer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SliceSpec", "TokenSpec", "SUPPORTED_TYPES", "plan_targets", "saved_module_names", "adaptable_names",
+__all__ = ["SliceSpec", "TokenSpec", "ParamSpec", "SUPPORTED_TYPES", "plan_targets", "param_plan", "saved_module_names", "adaptable_names",
            "is_supported", "is_linear_like", "is_hf_conv1d", "overridden_forward", "matched_entries",
            "matches", "under_any"]
 
@@ -54,6 +56,13 @@ class TokenSpec(NamedTuple):
     """An embedding whose rows ``token_indices`` are trained (``LoraConfig.trainable_token_indices``)."""
 
     token_indices: list[int]
+
+
+class ParamSpec(NamedTuple):
+    """A module whose own parameters ``parameter_names`` get adapters (``LoraConfig.target_parameters``),
+    in the order the module registers them."""
+
+    parameter_names: list[str]
 
 
 # -- what can be adapted --------------------------------------------------------------------------
@@ -208,26 +217,70 @@ def under_any(name: str, patterns: list[str] | None) -> bool:
     return any(matches(".".join(parts[:i]), patterns or []) for i in range(1, len(parts) + 1))
 
 
-def plan_targets(model: nn.Module, config: LoraConfig,
-                 targets: list[str] | str) -> dict[str, SliceSpec | TokenSpec | None]:
+def plan_targets(model: nn.Module, config: LoraConfig, targets: list[str] | str | None,
+                 with_parameters: bool = False
+                 ) -> dict[str, SliceSpec | TokenSpec | ParamSpec | None]:
     """Which modules of ``model`` get an adapter, checked before anything is replaced.
 
     Args:
         model: the model to inject into.
-        config: supplies ``exclude_modules`` and ``layers_to_transform``.
+        config: supplies ``exclude_modules``, ``layers_to_transform``, ``trainable_token_indices``
+            and ``target_parameters``.
         targets: ``config.target_modules`` with ``None`` resolved (a suffix list, a regex, or
-            ``"all-linear"``).
+            ``"all-linear"``); None adapts no module (only with ``target_parameters``).
+        with_parameters: also plan ``config.target_parameters`` (:func:`param_plan`), as
+            ``inject_lora`` does. A caller that cannot build adapters on parameters leaves it
+            False, and a config with ``target_parameters`` is then refused.
 
     Returns:
         Qualified module name -> its :class:`SliceSpec` (fused Phi-3 projections), None (the
-        whole module), or a :class:`TokenSpec` (an embedding of ``trainable_token_indices``).
+        whole module), a :class:`TokenSpec` (an embedding of ``trainable_token_indices``) or a
+        :class:`ParamSpec` (a module whose parameters ``target_parameters`` selects).
 
     Raises:
         ValueError: a target matched nothing (listing what can be adapted); a matched module cannot
             take an adapter (unsupported type, non-float weight, a forward of its own, an
             ``nn.MultiheadAttention`` projection); exclusions left nothing; a bad
-            ``trainable_token_indices`` (see :func:`token_plan`).
+            ``trainable_token_indices`` (see :func:`token_plan`) or ``target_parameters`` (see
+            :func:`param_plan`); a module both ``target_modules`` and ``target_parameters`` adapt.
     """
+    if config.target_parameters and not with_parameters:
+        raise ValueError(f"LoraConfig.target_parameters={config.target_parameters!r}: adapters on "
+                         "parameters are built by inject_lora only (the model's first adapter); "
+                         "add_adapter cannot add them. Set target_parameters=None here")
+    plan: dict[str, SliceSpec | ParamSpec | None] = {}
+    if targets is not None:
+        plan.update(_module_plan(model, config, targets))
+    if with_parameters and config.target_parameters:
+        params = param_plan(model, config)
+        both = sorted(set(plan) & set(params))
+        if both:
+            raise ValueError(f"LoraConfig: {both} are adapted by target_modules={targets!r} and "
+                             f"their parameters by target_parameters={config.target_parameters!r}; "
+                             "a module takes one or the other (PEFT refuses both too)")
+        plan.update(params)
+    if not plan:
+        params = f" and target_parameters={config.target_parameters!r}" \
+            if config.target_parameters else ""
+        raise ValueError(f"LoraConfig: target_modules={targets!r}{params} matched, but "
+                         f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
+                         f"{config.layers_to_transform!r} left none to adapt")
+    return {**plan, **token_plan(model, config, plan)}
+
+
+def _layer_filter(config: LoraConfig, plan: dict) -> dict:
+    """``plan`` without the modules outside ``config.layers_to_transform`` (all, if it is None)."""
+    if config.layers_to_transform is None:
+        return plan
+    keep = set(config.layers_to_transform)
+    return {n: s for n, s in plan.items()
+            if (m := _LAYER_INDEX.search(n)) is not None and int(m.group(1)) in keep}
+
+
+def _module_plan(model: nn.Module, config: LoraConfig,
+                 targets: list[str] | str) -> dict[str, SliceSpec | None]:
+    """The modules ``targets`` (``target_modules``) selects, after exclusions (see
+    :func:`plan_targets`); empty if the exclusions left none."""
     slice_map = phi3.phi3_slice_map(model) if phi3.is_phi3(model) else {}
     all_linear = targets == "all-linear"
     head = _output_embedding(model) if all_linear else None
@@ -280,25 +333,86 @@ def plan_targets(model: nn.Module, config: LoraConfig,
     for entry in [exclude] if isinstance(exclude, str) else exclude or []:
         if entry not in excluded_by:  # harmless, but likely a typo worth seeing
             logger.warning("LoraConfig.exclude_modules entry %r matched no module", entry)
-    if config.layers_to_transform is not None:
-        keep = set(config.layers_to_transform)
-        plan = {n: s for n, s in plan.items()
-                if (m := _LAYER_INDEX.search(n)) is not None and int(m.group(1)) in keep}
+    plan = _layer_filter(config, plan)
     for name in plan:
         reason = _unsupported_reason(model, name, model.get_submodule(name))
         if reason is not None:
             raise ValueError(f"LoraConfig.target_modules matched {name!r} "
                              f"({type(model.get_submodule(name)).__name__}), which cannot take an "
                              f"adapter: {reason}")
-    if not plan:
-        raise ValueError(f"LoraConfig: target_modules={targets!r} matched modules, but "
-                         f"exclude_modules={config.exclude_modules!r} and layers_to_transform="
-                         f"{config.layers_to_transform!r} left none to adapt")
-    return {**plan, **token_plan(model, config, plan)}
+    return plan
+
+
+def _param_problem(module: nn.Module, param: torch.Tensor) -> str | None:
+    """Why a matched parameter cannot take an adapter, or None if it can."""
+    if isinstance(module, LoRALayer):
+        return (f"its module is a LoRA {type(module).__name__} already (a target_modules target); "
+                "a module takes target_modules or target_parameters, not both")
+    if not param.is_floating_point():
+        return f"it is {param.dtype}, not floating point (already quantized?)"
+    if param.dim() not in (2, 3):
+        return (f"it has shape {tuple(param.shape)}; LoRA on a parameter needs a 2-D (out, in) or a "
+                "3-D (experts, out, in) one")
+    if param.dim() == 3 and getattr(module, "is_transposed", False):
+        return (f"{type(module).__name__} stores its experts transposed (experts, in, out); only "
+                "(experts, out, in) is supported")
+    return None
+
+
+def param_plan(model: nn.Module, config: LoraConfig) -> dict[str, ParamSpec]:
+    """The modules whose own parameters ``config.target_parameters`` selects, as PEFT selects them.
+
+    An entry matches the path ``<module>.<parameter>`` of a parameter registered on the module
+    itself if it equals it or is a dotted suffix of it (``"mlp.experts.gate_up_proj"`` matches
+    ``model.layers.0.mlp.experts.gate_up_proj``). ``exclude_modules`` (the module's path) and
+    ``layers_to_transform`` narrow the choice as they narrow ``target_modules``.
+
+    Returns:
+        Module path -> :class:`ParamSpec` of its selected parameters, in registration order.
+
+    Raises:
+        ValueError: an entry matched no parameter (listing parameters that can be adapted); a
+            matched parameter on the model itself, not 2-D or 3-D, not floating point, stored
+            transposed, or on a module that is a LoRA layer already; exclusions left none.
+    """
+    targets = config.target_parameters or []
+    used: set[str] = set()
+    plan: dict[str, ParamSpec] = {}
+    adaptable: dict[str, None] = {}
+    for name, module in model.named_modules():
+        for pname, param in module._parameters.items():
+            if param is None:
+                continue
+            key = f"{name}.{pname}" if name else pname
+            if param.dim() in (2, 3) and name:
+                adaptable[".".join(key.split(".")[-2:])] = None
+            matched = matched_entries(key, targets)
+            if not matched:
+                continue
+            used.update(matched)
+            if not name:
+                raise ValueError(f"LoraConfig.target_parameters {matched} matched {pname!r}, a "
+                                 f"parameter of the model itself ({type(model).__name__}); only "
+                                 "parameters of its submodules can be adapted (as in PEFT)")
+            if matches(name, config.exclude_modules):
+                continue
+            reason = _param_problem(module, param)
+            if reason is not None:
+                raise ValueError(f"LoraConfig.target_parameters {matched} matched {key!r}, which "
+                                 f"cannot take an adapter: {reason}")
+            plan.setdefault(name, ParamSpec([])).parameter_names.append(pname)
+    missing = [t for t in targets if t not in used]
+    if missing:
+        shown = list(adaptable)[:20]
+        raise ValueError(f"LoraConfig.target_parameters entr{'y' if len(missing) == 1 else 'ies'} "
+                         f"{missing} matched no parameter of {type(model).__name__} (an entry is "
+                         f"a dotted suffix of '<module>.<parameter>'). 2-D and 3-D parameters here: "
+                         f"{', '.join(shown) or 'none'}{' ...' if len(adaptable) > 20 else ''}")
+    return _layer_filter(config, plan)
 
 
 def token_plan(model: nn.Module, config: LoraConfig,
-               plan: dict[str, SliceSpec | None]) -> dict[str, TokenSpec]:
+               plan: dict[str, SliceSpec | ParamSpec | None]) -> dict[str, TokenSpec]:
     """The embeddings ``config.trainable_token_indices`` selects, with their token ids.
 
     A list of ids selects the model's input embeddings (``get_input_embeddings()``); a dict maps
@@ -337,8 +451,9 @@ def token_plan(model: nn.Module, config: LoraConfig,
                 raise ValueError(f"{where} matched {n!r} ({type(module).__name__}); trainable tokens "
                                  "need an nn.Embedding")
             if n in plan:
-                raise ValueError(f"{where}: {n!r} is also a LoRA target (target_modules); an "
-                                 "embedding takes either a LoRA adapter or trainable tokens")
+                raise ValueError(f"{where}: {n!r} is also a LoRA target (target_modules or "
+                                 "target_parameters); an embedding takes either a LoRA adapter or "
+                                 "trainable tokens")
             tied = [o for o, m in owners.get(id(module.weight), []) if m is not module]
             if tied:
                 raise ValueError(f"{where}: the table of {n!r} is tied to {tied}; trainable tokens on "
