@@ -5,6 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
+import lora_phi3
+import lora_phi3.inject.named
 from lora_phi3.inject.injector import inject_lora, lora_modules
 from lora_phi3.config import LoraConfig
 from lora_phi3.layers import Embedding, Linear, MergedLinear
@@ -193,3 +195,39 @@ def assert_all_close(got, want, atol: float = 1e-5) -> None:
 # Hidden and intermediate sizes that are multiples of NF4's block size 64 (QLoRA tests):
 # tiny_phi3(attn="sdpa", **NF4_SIZES).
 NF4_SIZES = dict(hidden_size=128, intermediate_size=256)
+
+
+# -- several named adapters (tests/inject/test_named.py, tests/adapters/test_hotswap.py) ----------
+NAMED_CFG_A = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+NAMED_CFG_B = LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "gate_proj"])
+NAMED_CFG_C = LoraConfig(r=3, lora_alpha=3, target_modules=["qkv_proj"], use_dora=True)
+
+
+def two_adapters(c=False):
+    """A model with adapters "default" (A) and "b" (B), both trained-looking; and "c" (DoRA)."""
+    model = tiny_phi3()
+    lora_phi3.inject_lora(model, NAMED_CFG_A)
+    randomize_lora(model, seed=1)
+    lora_phi3.add_adapter(model, NAMED_CFG_B, "b")
+    lora_phi3.set_adapter(model, "b")
+    randomize_lora(model, seed=2)
+    if c:
+        lora_phi3.add_adapter(model, NAMED_CFG_C, "c")
+        lora_phi3.set_adapter(model, "c")
+        randomize_lora(model, seed=3)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for layer in lora_modules(model).values():
+                layer.lora_magnitude.mul_(0.5 + torch.rand(layer.lora_magnitude.shape, generator=g))
+    lora_phi3.set_adapter(model, "default")
+    return model
+
+
+def alone(model, name, config):
+    """A fresh model holding only ``name``'s adapter, with its tensors: the single-adapter truth."""
+    ref = tiny_phi3()
+    lora_phi3.inject_lora(ref, config)
+    with lora_phi3.inject.named.using_adapter(model, name):
+        state = lora_phi3.lora_state_dict(model)
+    ref.load_state_dict(state, strict=False)
+    return ref

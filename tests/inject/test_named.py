@@ -1,48 +1,14 @@
 """Several named adapters in one model: each computes what it would alone (against a model holding
 only that adapter, and against dense references), mixed batches equal single runs, and a
-one-adapter model keeps its keys."""
+one-adapter model keeps its keys. Hot swap: tests/adapters/test_hotswap.py."""
 
 import pytest
 import torch
 
 import lora_phi3 as lora
 from lora_phi3 import LoraConfig
-from lora_phi3.inject import lora_modules
-from tiny import X, adapted, dense_reference, logits, randomize_lora, tiny_phi3
-
-CFG_A = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-CFG_B = LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "gate_proj"])
-CFG_C = LoraConfig(r=3, lora_alpha=3, target_modules=["qkv_proj"], use_dora=True)
-
-
-def _two(c=False):
-    """A model with adapters "default" (A) and "b" (B), both trained-looking; and "c" (DoRA)."""
-    model = tiny_phi3()
-    lora.inject_lora(model, CFG_A)
-    randomize_lora(model, seed=1)
-    lora.add_adapter(model, CFG_B, "b")
-    lora.set_adapter(model, "b")
-    randomize_lora(model, seed=2)
-    if c:
-        lora.add_adapter(model, CFG_C, "c")
-        lora.set_adapter(model, "c")
-        randomize_lora(model, seed=3)
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for layer in lora_modules(model).values():
-                layer.lora_magnitude.mul_(0.5 + torch.rand(layer.lora_magnitude.shape, generator=g))
-    lora.set_adapter(model, "default")
-    return model
-
-
-def _alone(model, name, config):
-    """A fresh model holding only ``name``'s adapter, with its tensors: the single-adapter truth."""
-    ref = tiny_phi3()
-    lora.inject_lora(ref, config)
-    with lora.inject.named.using_adapter(model, name):
-        state = lora.lora_state_dict(model)
-    ref.load_state_dict(state, strict=False)
-    return ref
+from tiny import (NAMED_CFG_A as CFG_A, NAMED_CFG_B as CFG_B, NAMED_CFG_C as CFG_C, X,
+                  alone as _alone, dense_reference, logits, tiny_phi3, two_adapters as _two)
 
 
 def test_one_adapter_keeps_the_keys_and_a_second_one_adds_its_own():
@@ -215,52 +181,3 @@ def test_files_take_adapter_name(tmp_path):
     assert lora.adapter_names(other) == ["default", "b"] and lora.active_adapter(other) == "default"
     lora.set_adapter(other, "b")
     torch.testing.assert_close(logits(other), want, atol=0, rtol=0)
-
-
-def test_hot_swap_replaces_weights_in_place_without_recompiling(tmp_path):
-    torch._dynamo.reset()
-    model = _two()
-    lora.set_adapter(model, "b")
-    donor = tiny_phi3()  # the same modules as b, at a smaller rank and another alpha
-    lora.inject_lora(donor, LoraConfig(r=1, lora_alpha=5, target_modules=CFG_B.target_modules))
-    randomize_lora(donor, seed=11)
-    lora.save_adapter(donor, tmp_path / "small")
-    params = {id(p) for p in model.parameters()}
-    compiled = torch.compile(model, backend="eager")
-    with torch.no_grad():
-        compiled(X)
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames >= 1  # it compiled (changing a layer's float scaling would add a graph)
-    lora.load_adapter(model, tmp_path / "small", adapter_name="b")
-    assert {id(p) for p in model.parameters()} == params  # the same tensors, in place
-    with torch.no_grad():
-        got = compiled(X).logits
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompilation
-    torch.testing.assert_close(got, logits(donor), atol=1e-5, rtol=0)
-    lora.set_adapter(model, "default")
-    torch.testing.assert_close(logits(model), logits(_alone(model, "default", CFG_A)), atol=0, rtol=0)
-
-
-def test_hot_swap_refuses_a_file_for_other_modules(tmp_path):
-    model = _two()
-    donor = adapted(["o_proj"])
-    lora.save_adapter(donor, tmp_path / "o")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="hot swap of adapter 'b' .* refused"):
-        lora.load_adapter(model, tmp_path / "o", adapter_name="b")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def test_hot_swap_carries_lora_bias(tmp_path):
-    model = tiny_phi3()
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], lora_bias=True)
-    lora.inject_lora(model, cfg, adapter_name="x")
-    donor = tiny_phi3()
-    lora.inject_lora(donor, LoraConfig(r=1, lora_alpha=3, target_modules=["o_proj"], lora_bias=True))
-    randomize_lora(donor, seed=4)
-    with torch.no_grad():
-        for layer in lora_modules(donor).values():
-            layer.lora_bias.normal_()
-    lora.save_adapter(donor, tmp_path / "d")
-    lora.load_adapter(model, tmp_path / "d", adapter_name="x")
-    torch.testing.assert_close(logits(model), logits(donor), atol=1e-5, rtol=0)
