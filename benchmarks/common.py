@@ -89,13 +89,19 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
 
 
 def train_step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
-    """One training step of ``model`` on ``x`` (forward, backward with ``grad``), grads reset."""
+    """One training step of ``model`` on ``x`` (forward, backward with ``grad``), grads reset.
+
+    Each step also touches the trainable parameters in place (``add_(0)``, values unchanged), as
+    an optimizer step would: anything cached on them (e.g. DoRA's weight norm, cached until A or B
+    change) is then recomputed every step, as in training, instead of measured once."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
         x.grad = None
-        for p in params:
-            p.grad = None
+        with torch.no_grad():
+            for p in params:
+                p.grad = None
+                p.add_(0)  # bumps the version counter, like optimizer.step()
         model(x).backward(grad)
     return step
 

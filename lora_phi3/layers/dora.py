@@ -186,8 +186,11 @@ class _DoraRescale(torch.autograd.Function):
         # else a (..., sum sizes) copy of them.
         whole = len(slices) == 1 and slices[0][1] == out.shape[-1]
         kept = out if whole else torch.cat(_views(out, slices), dim=-1)
-        result = out.clone()
-        _rescale_(result, gain, bias, slices)
+        if whole and bias is None and out.dtype == gain.dtype:
+            result = out * gain  # one pass, where a copy and an in-place rescale would take two
+        else:
+            result = out.clone()
+            _rescale_(result, gain, bias, slices)
         ctx.save_for_backward(kept, gain, bias)
         ctx.slices = slices
         return result
